@@ -1,0 +1,358 @@
+// Typed client for Tarmac's Machines API v1 (Fly's paths and JSON shapes), shared by the CLI and every test.
+import type { MachineConfig } from '../catalog/machine-config.ts';
+
+export type { MachineConfig } from '../catalog/machine-config.ts';
+
+/** Machine states as Fly's Machines API names them. */
+export type MachineStateName =
+  | 'created' | 'starting' | 'started' | 'stopping' | 'stopped' | 'replacing' | 'destroying' | 'destroyed' | 'failed';
+
+export interface AppResponse {
+  id: string;
+  name: string;
+  organization: { name: string; slug: string };
+  status: string;
+  network: string;
+  machine_count: number;
+  created_at: string;
+}
+
+export interface ListAppsResponse {
+  total_apps: number;
+  apps: AppResponse[];
+}
+
+export interface CreateAppRequest {
+  app_name: string;
+  /** Defaults to the token's org (org tokens) or "personal" (admin). */
+  org_slug?: string;
+  network?: string;
+  /** Accepted for Fly compatibility; has no effect. */
+  enable_subdomains?: boolean;
+}
+
+export interface ImageRefResponse {
+  registry: string;
+  repository: string;
+  tag: string;
+  digest: string;
+  labels: Record<string, string>;
+}
+
+export interface MachineEventResponse {
+  id: string;
+  type: string;
+  status: string;
+  source: 'user' | 'flyd';
+  /** Unix milliseconds. */
+  timestamp: number;
+  request?: Record<string, unknown>;
+}
+
+export interface MachineResponse {
+  id: string;
+  name: string;
+  state: MachineStateName;
+  region: string;
+  instance_id: string;
+  private_ip: string;
+  config: MachineConfig;
+  image_ref: ImageRefResponse;
+  events: MachineEventResponse[];
+  created_at: string;
+  updated_at: string;
+  host_status?: 'ok' | 'unknown' | 'unreachable';
+  /** Tarmac additions. */
+  version?: number;
+  cordoned?: boolean;
+  desired_state?: 'started' | 'stopped' | 'destroyed';
+  /** Lease nonce, only on a create/update that asked for `lease_ttl` (as Fly does). */
+  nonce?: string;
+}
+
+/** Body of `POST /v1/apps/{app}/machines` (and of an update). */
+export interface CreateMachineRequest {
+  name?: string;
+  region?: string;
+  config: MachineConfig;
+  skip_launch?: boolean;
+  /** Seconds: create the machine leased; the lease nonce comes back as the response's `nonce`. */
+  lease_ttl?: number;
+  // Fly create fields accepted and ignored:
+  skip_service_registration?: boolean;
+  skip_secrets?: boolean;
+  lsvd?: boolean;
+  min_secrets_version?: number;
+  host_dedication_id?: string;
+}
+
+export interface UpdateMachineRequest extends CreateMachineRequest {
+  /** Fly's optimistic check: the machine's current instance_id (version). */
+  current_version?: string;
+}
+
+export interface LeaseData {
+  nonce: string;
+  /** Unix seconds. */
+  expires_at: number;
+  owner: string;
+  description: string;
+  version: string;
+}
+
+export interface LeaseResponse {
+  status: 'success';
+  data: LeaseData;
+}
+
+export interface OkResponse {
+  ok: true;
+}
+
+export interface StartResponse {
+  previous_state: MachineStateName;
+  migrated: boolean;
+  new_host: string;
+}
+
+export interface LogEntry {
+  timestamp: string;
+  machine_id: string;
+  stream: 'stdout' | 'stderr';
+  message: string;
+}
+
+export interface ListMachinesOptions {
+  region?: string;
+  include_deleted?: boolean;
+  /** Filter on `config.metadata` entries (`?metadata.key=value`). */
+  metadata?: Record<string, string>;
+}
+
+export interface WaitOptions {
+  /** Default `started`. */
+  state?: 'started' | 'stopped' | 'destroyed' | 'failed' | 'created' | 'suspended' | 'settled';
+  instance_id?: string;
+  /** Seconds; server default 60, max 300. */
+  timeout?: number;
+}
+
+/** The lease nonce to send when the machine is leased (`fly-machine-lease-nonce`). */
+export interface NonceOption {
+  nonce?: string;
+}
+
+/** A non-2xx answer from the API (status 0: the API could not be reached). */
+export class ApiError extends Error {
+  override readonly name = 'ApiError';
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly code?: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export interface ClientOptions {
+  /** Base URL without `/v1`, e.g. http://127.0.0.1:4280 */
+  baseUrl: string;
+  token: string;
+  fetch?: typeof fetch;
+}
+
+type Query = Record<string, string | number | boolean | undefined>;
+
+interface RequestOptions {
+  query?: Query;
+  body?: unknown;
+  nonce?: string | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+const enc = encodeURIComponent;
+
+export class TarmacClient {
+  readonly baseUrl: string;
+  readonly #token: string;
+  readonly #fetch: typeof fetch;
+
+  constructor(opts: ClientOptions) {
+    this.baseUrl = opts.baseUrl.replace(/\/+$/, '').replace(/\/v1$/, '');
+    this.#token = opts.token;
+    this.#fetch = opts.fetch ?? globalThis.fetch;
+  }
+
+  // ---- apps ----
+
+  createApp(body: CreateAppRequest): Promise<AppResponse> {
+    return this.#json('POST', '/v1/apps', { body });
+  }
+
+  listApps(org_slug?: string): Promise<ListAppsResponse> {
+    return this.#json('GET', '/v1/apps', { query: { org_slug } });
+  }
+
+  getApp(app: string): Promise<AppResponse> {
+    return this.#json('GET', `/v1/apps/${enc(app)}`);
+  }
+
+  async deleteApp(app: string): Promise<void> {
+    await this.#json('DELETE', `/v1/apps/${enc(app)}`);
+  }
+
+  // ---- machines ----
+
+  createMachine(app: string, body: CreateMachineRequest): Promise<MachineResponse> {
+    return this.#json('POST', `/v1/apps/${enc(app)}/machines`, { body });
+  }
+
+  listMachines(app: string, opts: ListMachinesOptions = {}): Promise<MachineResponse[]> {
+    const query: Query = { region: opts.region, include_deleted: opts.include_deleted };
+    for (const [k, v] of Object.entries(opts.metadata ?? {})) query[`metadata.${k}`] = v;
+    return this.#json('GET', `/v1/apps/${enc(app)}/machines`, { query });
+  }
+
+  getMachine(app: string, id: string): Promise<MachineResponse> {
+    return this.#json('GET', this.#m(app, id));
+  }
+
+  updateMachine(app: string, id: string, body: UpdateMachineRequest, opts: NonceOption = {}): Promise<MachineResponse> {
+    return this.#json('POST', this.#m(app, id), { body, nonce: opts.nonce });
+  }
+
+  deleteMachine(app: string, id: string, opts: { force?: boolean } & NonceOption = {}): Promise<OkResponse> {
+    return this.#json('DELETE', this.#m(app, id), { query: { force: opts.force }, nonce: opts.nonce });
+  }
+
+  startMachine(app: string, id: string, opts: NonceOption = {}): Promise<StartResponse> {
+    return this.#json('POST', `${this.#m(app, id)}/start`, { nonce: opts.nonce });
+  }
+
+  /** `timeout` is a Go duration ("10s") or seconds. */
+  stopMachine(app: string, id: string, opts: { signal?: string; timeout?: string | number } & NonceOption = {}): Promise<OkResponse> {
+    const body: Record<string, unknown> = {};
+    if (opts.signal !== undefined) body['signal'] = opts.signal;
+    if (opts.timeout !== undefined) body['timeout'] = typeof opts.timeout === 'number' ? `${opts.timeout}s` : opts.timeout;
+    return this.#json('POST', `${this.#m(app, id)}/stop`, { body, nonce: opts.nonce });
+  }
+
+  restartMachine(app: string, id: string, opts: { signal?: string; timeout?: string | number } & NonceOption = {}): Promise<OkResponse> {
+    const timeout = typeof opts.timeout === 'number' ? `${opts.timeout}s` : opts.timeout;
+    return this.#json('POST', `${this.#m(app, id)}/restart`, { query: { signal: opts.signal, timeout }, nonce: opts.nonce });
+  }
+
+  signalMachine(app: string, id: string, signal: string, opts: NonceOption = {}): Promise<OkResponse> {
+    return this.#json('POST', `${this.#m(app, id)}/signal`, { body: { signal }, nonce: opts.nonce });
+  }
+
+  /** Resolves when the machine reaches the state; throws ApiError 408 when the timeout runs out. */
+  waitMachine(app: string, id: string, opts: WaitOptions = {}): Promise<OkResponse> {
+    return this.#json('GET', `${this.#m(app, id)}/wait`, { query: { state: opts.state, instance_id: opts.instance_id, timeout: opts.timeout } });
+  }
+
+  listEvents(app: string, id: string): Promise<MachineEventResponse[]> {
+    return this.#json('GET', `${this.#m(app, id)}/events`);
+  }
+
+  cordon(app: string, id: string, opts: NonceOption = {}): Promise<OkResponse> {
+    return this.#json('POST', `${this.#m(app, id)}/cordon`, { nonce: opts.nonce });
+  }
+
+  uncordon(app: string, id: string, opts: NonceOption = {}): Promise<OkResponse> {
+    return this.#json('POST', `${this.#m(app, id)}/uncordon`, { nonce: opts.nonce });
+  }
+
+  // ---- leases ----
+
+  getLease(app: string, id: string): Promise<LeaseResponse> {
+    return this.#json('GET', `${this.#m(app, id)}/lease`);
+  }
+
+  /** `ttl` in seconds. Pass the current `nonce` to refresh a lease you hold. */
+  acquireLease(app: string, id: string, body: { ttl?: number; description?: string } = {}, nonce?: string): Promise<LeaseResponse> {
+    return this.#json('POST', `${this.#m(app, id)}/lease`, { body, nonce });
+  }
+
+  async releaseLease(app: string, id: string, nonce: string): Promise<void> {
+    await this.#json('DELETE', `${this.#m(app, id)}/lease`, { nonce });
+  }
+
+  // ---- logs ----
+
+  /** Log lines of an app's machines (NDJSON). With `follow`, keeps going until `signal` aborts. */
+  async *logs(app: string, opts: { machine_id?: string; follow?: boolean; signal?: AbortSignal } = {}): AsyncIterable<LogEntry> {
+    const res = await this.#request('GET', `/v1/apps/${enc(app)}/logs`, {
+      query: { machine_id: opts.machine_id, follow: opts.follow },
+      signal: opts.signal,
+    });
+    if (!res.body) return;
+    const decoder = new TextDecoder();
+    let buffered = '';
+    try {
+      for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+        buffered += decoder.decode(chunk, { stream: true });
+        let nl: number;
+        while ((nl = buffered.indexOf('\n')) >= 0) {
+          const line = buffered.slice(0, nl).trim();
+          buffered = buffered.slice(nl + 1);
+          if (line) yield JSON.parse(line) as LogEntry;
+        }
+      }
+    } catch (e) {
+      if (opts.signal?.aborted) return;
+      throw e;
+    }
+    const rest = (buffered + decoder.decode()).trim();
+    if (rest) yield JSON.parse(rest) as LogEntry;
+  }
+
+  // ---- plumbing ----
+
+  #m(app: string, id: string): string {
+    return `/v1/apps/${enc(app)}/machines/${enc(id)}`;
+  }
+
+  async #json<T>(method: string, path: string, opts: RequestOptions = {}): Promise<T> {
+    const res = await this.#request(method, path, opts);
+    const text = await res.text();
+    if (!text) return undefined as T;
+    try {
+      return JSON.parse(text) as T;
+    } catch (e) {
+      throw new ApiError(res.status, `the API answered ${method} ${path} with a body that is not JSON`, 'internal', { cause: e });
+    }
+  }
+
+  async #request(method: string, path: string, opts: RequestOptions): Promise<Response> {
+    const url = new URL(this.baseUrl + path);
+    for (const [k, v] of Object.entries(opts.query ?? {})) if (v !== undefined) url.searchParams.set(k, String(v));
+    const headers: Record<string, string> = { authorization: `Bearer ${this.#token}`, accept: 'application/json' };
+    if (opts.body !== undefined) headers['content-type'] = 'application/json';
+    if (opts.nonce !== undefined) headers['fly-machine-lease-nonce'] = opts.nonce;
+    const init: RequestInit = { method, headers };
+    if (opts.body !== undefined) init.body = JSON.stringify(opts.body);
+    if (opts.signal) init.signal = opts.signal;
+    let res: Response;
+    try {
+      res = await this.#fetch(url, init);
+    } catch (e) {
+      if (opts.signal?.aborted) throw e;
+      const cause = e instanceof Error && e.cause instanceof Error ? e.cause.message : e instanceof Error ? e.message : String(e);
+      throw new ApiError(0, `cannot reach the Tarmac API at ${this.baseUrl}: ${cause}`, 'unavailable', { cause: e });
+    }
+    if (res.ok) return res;
+    const text = await res.text().catch(() => '');
+    let message = `${method} ${path}: HTTP ${res.status}`;
+    let code: string | undefined;
+    try {
+      const body = JSON.parse(text) as { error?: unknown; code?: unknown };
+      if (typeof body.error === 'string') message = body.error;
+      if (typeof body.code === 'string') code = body.code;
+    } catch {
+      if (text) message = `${message}: ${text.slice(0, 200)}`;
+    }
+    throw new ApiError(res.status, message, code);
+  }
+}
