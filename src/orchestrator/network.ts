@@ -1,0 +1,115 @@
+// Machine networking: one named network namespace per machine, a veth pair, and its private IPv6 /128 routed from the host.
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { access, readdir } from 'node:fs/promises';
+import { TarmacError } from '../shared/errors.ts';
+import type { Logger } from '../shared/log.ts';
+
+export interface MachineNetwork {
+  /** Path of the machine's network namespace, for the driver. */
+  netnsPath: string;
+  /** Host side of the veth pair. */
+  hostIf: string;
+  /** The machine's IPv6 address (no prefix length). */
+  address: string;
+}
+
+const NETNS_DIR = '/var/run/netns';
+const NS_PREFIX = 'tm-';
+/** Link-local address of the host side: the machine's default gateway. */
+const GATEWAY = 'fe80::1';
+
+/** Name of machine `id`'s network namespace: `tm-` and the first 12 characters of the id. */
+export function netnsName(id: string): string {
+  return NS_PREFIX + id.slice(0, 12);
+}
+
+/** Host interface name for machine `id`: `tmv` + 10 hex of a hash of the namespace stem (Linux names are at most 15 chars). */
+export function hostIfName(id: string): string {
+  return 'tmv' + createHash('sha256').update(id.slice(0, 12)).digest('hex').slice(0, 10);
+}
+
+/** Runs `ip [args] -batch -` with `lines` on stdin; resolves with stderr, rejects on a non-zero exit unless `force`. */
+function ipBatch(args: string[], lines: string[], force = false): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('ip', [...(force ? ['-force'] : []), ...args, '-batch', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code === 0 || force) resolve(stderr);
+      else reject(new Error(`ip ${args.join(' ')} -batch failed (${code}): ${stderr.trim()}`));
+    });
+    child.stdin.end(lines.join('\n') + '\n');
+  });
+}
+
+async function exists(path: string): Promise<boolean> {
+  return access(path).then(
+    () => true,
+    () => false,
+  );
+}
+
+async function linkExists(name: string): Promise<boolean> {
+  return exists(`/sys/class/net/${name}`);
+}
+
+/**
+ * Creates (or reuses) machine `id`'s namespace with `address`/128 on its eth0, a default route via the host side
+ * (fe80::1), and a host route to `address` through the host side of the veth pair. Two `ip` processes in all.
+ */
+export async function setupMachineNetwork(id: string, address: string, opts: { log?: Logger } = {}): Promise<MachineNetwork> {
+  const ns = netnsName(id);
+  const hostIf = hostIfName(id);
+  const netnsPath = `${NETNS_DIR}/${ns}`;
+  if (!/^[0-9a-fA-F:]+$/.test(address)) throw new TarmacError('invalid_argument', `machine address ${JSON.stringify(address)} is not an IPv6 address`);
+  const haveNs = await exists(netnsPath);
+  const haveIf = await linkExists(hostIf);
+  if (haveNs && !haveIf) {
+    // A namespace without its veth is a leftover of an interrupted set-up: start again.
+    await ipBatch([], [`netns del ${ns}`], true);
+  }
+  const reuse = haveNs && haveIf;
+  try {
+    // `replace` keeps a re-run on an existing namespace idempotent.
+    const create = [
+      `netns add ${ns}`,
+      `link add ${hostIf} type veth peer name eth0 netns ${ns}`,
+      `link set ${hostIf} up`,
+      `addr add ${GATEWAY}/64 dev ${hostIf} nodad`,
+    ];
+    await ipBatch([], [...(reuse ? [] : create), `route replace ${address}/128 dev ${hostIf}`]);
+    await ipBatch(['-n', ns], [
+      'link set lo up',
+      'link set eth0 up',
+      `addr replace ${address}/128 dev eth0 nodad`,
+      `route replace default via ${GATEWAY} dev eth0`,
+    ]);
+  } catch (e) {
+    if (!reuse) await teardownMachineNetwork(id).catch(() => {});
+    throw new TarmacError('internal', `could not set up the network of machine ${id}: ${(e as Error).message}`, { cause: e });
+  }
+  opts.log?.debug({ id, ns, hostIf, address, reused: reuse }, 'machine network ready');
+  return { netnsPath, hostIf, address };
+}
+
+/** Deletes machine `id`'s veth pair, host route and namespace. Idempotent. */
+export async function teardownMachineNetwork(id: string): Promise<void> {
+  const ns = netnsName(id);
+  const hostIf = hostIfName(id);
+  const lines: string[] = [];
+  if (await linkExists(hostIf)) lines.push(`link del ${hostIf}`);
+  if (await exists(`${NETNS_DIR}/${ns}`)) lines.push(`netns del ${ns}`);
+  if (lines.length === 0) return;
+  await ipBatch([], lines, true);
+  if ((await linkExists(hostIf)) || (await exists(`${NETNS_DIR}/${ns}`))) {
+    throw new TarmacError('internal', `could not remove the network of machine ${id} (namespace ${ns}, interface ${hostIf})`);
+  }
+}
+
+/** Id stems (the part after `tm-`) of every machine namespace on this host, for cleaning up leftovers. */
+export async function listMachineNetworks(): Promise<string[]> {
+  const names = await readdir(NETNS_DIR).catch(() => [] as string[]);
+  return names.filter((n) => n.startsWith(NS_PREFIX)).map((n) => n.slice(NS_PREFIX.length));
+}
