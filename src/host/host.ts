@@ -1,0 +1,136 @@
+// Wires a host: catalog, orchestrator (drivers, images), Machines API and proxy, by the host's roles.
+import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
+import { cpus, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { openSqliteCatalog, type Catalog, type Host } from '../catalog/index.ts';
+import { startApi, type RunningApi } from '../api/index.ts';
+import { startProxy, type RunningProxy } from '../proxy/index.ts';
+import { Orchestrator, ImageStore, createDriver, readLogs, type Driver } from '../orchestrator/index.ts';
+import { hashToken, newToken } from '../shared/ids.ts';
+import type { Logger } from '../shared/log.ts';
+import type { HostConfig } from './config.ts';
+import { ensureSystemPackages, findBinary } from './system.ts';
+
+export interface RunningHost {
+  readonly config: HostConfig;
+  readonly hostId: string;
+  readonly adminToken: string;
+  /** http://host:port of the Machines API (the /v1 paths hang off it). */
+  readonly apiUrl: string | undefined;
+  readonly proxy: RunningProxy | undefined;
+  readonly catalog: Catalog;
+  readonly orchestrator: Orchestrator | undefined;
+  close(): Promise<void>;
+}
+
+/** Starts every component the host's roles need. `close` stops them; machines keep running for the next start. */
+export async function startHost(config: HostConfig, log: Logger, env: NodeJS.ProcessEnv = process.env): Promise<RunningHost> {
+  const dataDir = config.data_dir;
+  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  const isWorker = config.roles.includes('worker');
+  if (isWorker) {
+    const runtimes = [config.runtime.default === 'runc' ? config.runtime.oci_binary : config.runtime.default];
+    await ensureSystemPackages(runtimes, { install: config.install_packages, log });
+  }
+
+  const catalog = openSqliteCatalog(join(dataDir, 'catalog.sqlite'));
+  const closers: Array<() => Promise<void>> = [() => catalog.close()];
+  const close = async () => {
+    for (const c of closers.reverse()) await c().catch((e: unknown) => log.error({ err: e }, 'shutdown step failed'));
+  };
+  try {
+    const hostId = await hostIdentity(dataDir, config);
+    const adminToken = await ensureAdmin(catalog, dataDir, env);
+    const host = await registerHost(catalog, hostId, config);
+    log.info({ host: hostId, region: config.region, roles: config.roles, data_dir: dataDir }, 'host starting');
+
+    let orchestrator: Orchestrator | undefined;
+    if (isWorker) {
+      const drivers: Record<string, Driver> = {};
+      const dlog = log.child({ component: 'driver' });
+      drivers['runc'] = createDriver('runc', { runtime: config.runtime.oci_binary, log: dlog });
+      if (config.runtime.default === 'crun') drivers['crun'] = createDriver('crun', { runtime: 'crun', log: dlog });
+      if (await findBinary('runsc')) drivers['runsc'] = createDriver('runsc', { log: dlog });
+      const images = new ImageStore({ dir: join(dataDir, 'images'), log: log.child({ component: 'images' }), insecureRegistries: [...config.insecure_registries] });
+      orchestrator = new Orchestrator({
+        catalog, hostId: host.id, region: config.region, dataDir, drivers, defaultDriver: config.runtime.default, images,
+        log: log.child({ component: 'orchestrator' }),
+      });
+      await orchestrator.start();
+      const o = orchestrator;
+      closers.push(() => o.close());
+    }
+
+    let api: RunningApi | undefined;
+    if (config.roles.includes('api')) {
+      const o = orchestrator;
+      api = await startApi({
+        catalog, listen: config.api, log: log.child({ component: 'api' }), region: config.region, adminToken,
+        ...(o ? {
+          workers: {
+            signal: (id: string, sig: string) => o.signal(id, sig),
+            logs: (ids: string[], opts: { follow: boolean; signal: AbortSignal; since?: Date }) =>
+              readLogs(ids.map((id) => ({ machineId: id, path: o.logPath(id) })), opts),
+          },
+        } : {}),
+      });
+      const a = api;
+      closers.push(() => a.close());
+    }
+
+    let proxy: RunningProxy | undefined;
+    if (config.roles.includes('edge') || isWorker) {
+      proxy = await startProxy({
+        catalog, http: config.proxy.http, appsDomain: config.proxy.apps_domain, log: log.child({ component: 'proxy' }), region: config.region,
+      });
+      const p = proxy;
+      closers.push(() => p.close());
+    }
+    log.info({ api: api?.url, proxy: proxy?.address }, 'host ready');
+    return { config, hostId, adminToken, apiUrl: api?.url, proxy, catalog, orchestrator, close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
+}
+
+async function hostIdentity(dataDir: string, config: HostConfig): Promise<string> {
+  if (config.host_id) return config.host_id;
+  const file = join(dataDir, 'host-id');
+  const existing = await readFile(file, 'utf8').then((s) => s.trim(), () => '');
+  if (existing) return existing;
+  const id = `host-${newToken('x').slice(2, 12).toLowerCase().replace(/[^a-z0-9]/g, '0')}`;
+  await writeFile(file, id + '\n');
+  return id;
+}
+
+/** The `personal` org and the admin token: TARMAC_API_TOKEN when set, else the one in data_dir/admin-token (made on first start). */
+async function ensureAdmin(catalog: Catalog, dataDir: string, env: NodeJS.ProcessEnv): Promise<string> {
+  if (!catalog.getOrg('personal')) {
+    await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: await catalog.allocateNetworkNumber(), created_at: new Date().toISOString() });
+  }
+  const file = join(dataDir, 'admin-token');
+  let token = env['TARMAC_API_TOKEN']?.trim() || (await readFile(file, 'utf8').then((s) => s.trim(), () => ''));
+  if (!token) {
+    token = newToken('tm');
+    await writeFile(file, token + '\n', { mode: 0o600 });
+  }
+  await chmod(file, 0o600).catch(() => {});
+  if (!catalog.findToken(hashToken(token))) {
+    await catalog.putToken({ hash: hashToken(token), org_slug: 'personal', role: 'admin', name: 'admin', created_at: new Date().toISOString() });
+  }
+  return token;
+}
+
+async function registerHost(catalog: Catalog, id: string, config: HostConfig): Promise<Host> {
+  const existing = catalog.getHost(id);
+  const host: Host = {
+    id, region: config.region, roles: [...config.roles],
+    host_number: existing?.host_number ?? catalog.listHosts().length + 1,
+    cpus: config.capacity.cpus || cpus().length,
+    memory_mb: config.capacity.memory_mb || Math.floor(totalmem() / 2 ** 20),
+    address: config.api.host, updated_at: new Date().toISOString(),
+  };
+  await catalog.putHost(host);
+  return host;
+}

@@ -1,0 +1,87 @@
+// `tarmac host`: runs a host in the foreground until Ctrl-C (SIGINT) or SIGTERM, then stops cleanly.
+import { parseArgs } from 'node:util';
+import { join } from 'node:path';
+import { createLogger } from '../shared/log.ts';
+import { errorMessage, isTarmacError } from '../shared/errors.ts';
+import { parseHostConfig, parseListen, readConfigFile, type HostConfigInput } from './config.ts';
+import { startHost } from './host.ts';
+
+export const hostUsage = `Usage: tarmac host [options]
+
+Runs a Tarmac host in the foreground: Machines API, proxy and orchestrator, with the embedded catalog.
+
+Options:
+  --config FILE          TOML config (see config.example.toml)
+  --data-dir DIR         data directory (default $TARMAC_DATA_DIR or ./.tarmac)
+  --api-listen H:P       Machines API address (default 127.0.0.1:4280)
+  --proxy-listen H:P     proxy HTTP address (default 0.0.0.0:8080)
+  --apps-domain D        apps answer at <app>.D (default localhost)
+  --region R             region of this host (default local)
+  --runtime NAME         default machine runtime: runc, crun or runsc (default runc)
+  --no-install           never apt-get install missing packages
+  --log-level L          trace|debug|info|warn|error (default info)
+`;
+
+/** Builds the host config from flags, environment and an optional file (flags win). */
+export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv): Promise<ReturnType<typeof parseHostConfig>> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      config: { type: 'string' }, 'data-dir': { type: 'string' }, 'api-listen': { type: 'string' },
+      'proxy-listen': { type: 'string' }, 'apps-domain': { type: 'string' }, region: { type: 'string' },
+      runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
+    },
+  });
+  const input: Record<string, unknown> = values.config ? { ...(await readConfigFile(values.config)) } : {};
+  const dataDir = values['data-dir'] ?? env['TARMAC_DATA_DIR'];
+  if (dataDir) input['data_dir'] = dataDir;
+  if (values['api-listen']) input['api'] = parseListen(values['api-listen'], '--api-listen');
+  const proxy = { ...(input['proxy'] as object | undefined) } as Record<string, unknown>;
+  if (values['proxy-listen']) proxy['http'] = parseListen(values['proxy-listen'], '--proxy-listen');
+  if (values['apps-domain']) proxy['apps_domain'] = values['apps-domain'];
+  if (Object.keys(proxy).length) input['proxy'] = proxy;
+  if (values.region) input['region'] = values.region;
+  if (values.runtime) input['runtime'] = { ...(input['runtime'] as object | undefined), default: values.runtime };
+  if (values['no-install']) input['install_packages'] = false;
+  if (values['log-level'] ?? env['TARMAC_LOG_LEVEL']) input['log_level'] = values['log-level'] ?? env['TARMAC_LOG_LEVEL'];
+  return parseHostConfig(input as HostConfigInput, values.config ? `config (${values.config} and flags)` : 'flags');
+}
+
+export async function runHost(argv: string[]): Promise<number> {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    process.stdout.write(hostUsage);
+    return 0;
+  }
+  let config;
+  try {
+    config = await hostConfigFromArgs(argv, process.env);
+  } catch (e) {
+    process.stderr.write(`Error: ${errorMessage(e)}\n`);
+    return 2;
+  }
+  const log = createLogger({ level: config.log_level, name: 'tarmac' });
+  let host;
+  try {
+    host = await startHost(config, log);
+  } catch (e) {
+    if (!isTarmacError(e)) log.error({ err: e }, 'host failed to start');
+    const hint = (e as NodeJS.ErrnoException).code === 'EADDRINUSE' ? ' (is another Tarmac host running? pick other ports with --api-listen/--proxy-listen)' : '';
+    process.stderr.write(`Error: ${errorMessage(e)}${hint}\n`);
+    return 1;
+  }
+  const tokenNote = process.env['TARMAC_API_TOKEN'] ? 'the token in $TARMAC_API_TOKEN' : `the token in ${join(config.data_dir, 'admin-token')}`;
+  process.stderr.write(
+    `Tarmac is running.\n  Machines API  ${host.apiUrl}/v1  (Authorization: Bearer <${tokenNote}>)\n` +
+    `  Proxy         http://<app>.${config.proxy.apps_domain}:${host.proxy?.address.port}\n  Data          ${config.data_dir}\nPress Ctrl-C to stop.\n`,
+  );
+  await new Promise<void>((resolve) => {
+    const stop = () => resolve();
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+  process.stderr.write('Stopping (machines keep running and are reattached on the next start)…\n');
+  await host.close();
+  return 0;
+}
