@@ -1,7 +1,7 @@
 // Machine networking: one named network namespace per machine, a veth pair, and its private IPv6 /128 routed from the host.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { access, readdir } from 'node:fs/promises';
+import { access, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { TarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 
@@ -18,6 +18,8 @@ const NETNS_DIR = '/var/run/netns';
 const NS_PREFIX = 'tm-';
 /** Link-local address of the host side: the machine's default gateway. */
 const GATEWAY = 'fe80::1';
+/** One file per configured namespace (tmpfs, gone on reboot like the namespaces): its content is the address. */
+const READY_DIR = '/run/tarmac/netns';
 
 /** Name of machine `id`'s network namespace: `tm-` and the first 12 characters of the id. */
 export function netnsName(id: string): string {
@@ -71,6 +73,11 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
     await ipBatch([], [`netns del ${ns}`], true);
   }
   const reuse = haveNs && haveIf;
+  const ready = `${READY_DIR}/${ns}`;
+  if (reuse && (await readFile(ready, 'utf8').catch(() => '')) === address) {
+    // Set up before (a stopped machine starting again): nothing to do, no process to spawn.
+    return { netnsPath, hostIf, address };
+  }
   try {
     // `replace` keeps a re-run on an existing namespace idempotent.
     const create = [
@@ -90,6 +97,8 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
     if (!reuse) await teardownMachineNetwork(id).catch(() => {});
     throw new TarmacError('internal', `could not set up the network of machine ${id}: ${(e as Error).message}`, { cause: e });
   }
+  await mkdir(READY_DIR, { recursive: true });
+  await writeFile(ready, address);
   opts.log?.debug({ id, ns, hostIf, address, reused: reuse }, 'machine network ready');
   return { netnsPath, hostIf, address };
 }
@@ -98,6 +107,7 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
 export async function teardownMachineNetwork(id: string): Promise<void> {
   const ns = netnsName(id);
   const hostIf = hostIfName(id);
+  await rm(`${READY_DIR}/${ns}`, { force: true });
   const lines: string[] = [];
   if (await linkExists(hostIf)) lines.push(`link del ${hostIf}`);
   if (await exists(`${NETNS_DIR}/${ns}`)) lines.push(`netns del ${ns}`);

@@ -164,7 +164,7 @@ export class Orchestrator {
       if (!driver) throw new TarmacError('invalid_argument', `runtime "${driverName}" is not available on this host (have: ${Object.keys(this.#o.drivers).join(', ')})`);
       await this.#setStatus(spec, 'starting', [this.#event(id, 'start', 'starting', 'flyd')]);
       const t0 = Date.now();
-      const image = await this.#o.images.pull(spec.config.image);
+      const image = await this.#pullWithProgress(spec);
       const pulledMs = Date.now() - t0;
       step('preparing');
       const net = await setupMachineNetwork(id, spec.private_ip, { log: this.#log });
@@ -181,6 +181,47 @@ export class Orchestrator {
       step('exited', errorMessage(e));
       await this.#setStatus(spec, 'failed', [this.#event(id, 'failed', 'failed', 'flyd', { error: errorMessage(e) })]);
     }
+  }
+
+  /**
+   * Pulls the machine's image. While layers download, `pull` events carry the progress (at most a few a
+   * second), so `tarmac machine run` can show it; a cached image records no pull events.
+   */
+  async #pullWithProgress(spec: MachineSpec): Promise<{ ref: ImageRef; rootfs: string; config: ImageConfig }> {
+    const layers = new Map<string, { bytes: number; total: number }>();
+    let downloading = false;
+    let lastWrite = 0;
+    let writes = Promise.resolve();
+    const record = (status: string, request: Record<string, unknown>) => {
+      writes = writes.then(() => this.#o.catalog.appendEvents([this.#event(spec.id, 'pull', status, 'flyd', request)])).catch(() => {});
+    };
+    const totals = () => {
+      let bytes = 0, total = 0;
+      for (const l of layers.values()) { bytes += l.bytes; total += l.total; }
+      return { image: spec.config.image, layers: layers.size, bytes, total };
+    };
+    // An instance runs the image it was first started with: pin it by digest, which needs no registry request.
+    const prev = this.#o.catalog.getMachine(spec.id)?.status;
+    const pinned = prev?.instance_id === spec.instance_id ? prev.image_ref : undefined;
+    const reference = pinned ? `${pinned.registry}/${pinned.repository}@${pinned.digest}` : spec.config.image;
+    const image = await this.#o.images.pull(reference, {
+      onProgress: (p) => {
+        if (p.phase !== 'downloading' || !p.layer) return;
+        if (!downloading) {
+          downloading = true;
+          record('pulling', { image: spec.config.image });
+        }
+        layers.set(p.layer, { bytes: p.bytes ?? 0, total: p.total ?? 0 });
+        const now = Date.now();
+        if (now - lastWrite >= 250) {
+          lastWrite = now;
+          record('pulling', totals());
+        }
+      },
+    });
+    if (downloading) record('pulled', { ...totals(), digest: image.ref.digest });
+    await writes;
+    return pinned ? { ...image, ref: pinned } : image;
   }
 
   #runSpec(spec: MachineSpec, image: { ref: ImageRef; rootfs: string; config: ImageConfig }, netnsPath: string, stateDir: string): RunSpec {
