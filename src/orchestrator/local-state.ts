@@ -16,6 +16,10 @@ export interface InstanceRow {
   generation: number;
   /** Set while a stop that we asked for is in progress, so its exit is not treated as a crash. */
   stop_requested: number;
+  /** While stopping: when (epoch ms) the grace ends and SIGKILL follows; a restarted host resumes the same deadline. 0 otherwise. */
+  stop_deadline: number;
+  /** After an exit the restart policy restarts: when (epoch ms) the backoff ends and the instance starts again. 0 otherwise. */
+  restart_at: number;
   updated_at: string;
 }
 
@@ -26,6 +30,7 @@ export class LocalState {
   readonly #put;
   readonly #del;
   readonly #log;
+  readonly #known;
 
   constructor(path: string) {
     this.#db = new Database(path);
@@ -38,13 +43,19 @@ export class LocalState {
         updated_at TEXT NOT NULL);
       CREATE TABLE IF NOT EXISTS steps (seq INTEGER PRIMARY KEY AUTOINCREMENT, machine_id TEXT NOT NULL, instance_id TEXT NOT NULL,
         step TEXT NOT NULL, at TEXT NOT NULL, detail TEXT);`);
+    // Columns added after the first release: add them to an existing file.
+    const columns = new Set((this.#db.pragma('table_info(instances)') as Array<{ name: string }>).map((c) => c.name));
+    for (const c of ['stop_deadline', 'restart_at']) {
+      if (!columns.has(c)) this.#db.exec(`ALTER TABLE instances ADD COLUMN ${c} INTEGER NOT NULL DEFAULT 0`);
+    }
     this.#get = this.#db.prepare('SELECT * FROM instances WHERE machine_id = ?');
     this.#all = this.#db.prepare('SELECT * FROM instances ORDER BY machine_id');
     this.#put = this.#db.prepare(`INSERT OR REPLACE INTO instances
-      (machine_id, instance_id, driver, state_dir, step, restarts, generation, stop_requested, updated_at)
-      VALUES (@machine_id, @instance_id, @driver, @state_dir, @step, @restarts, @generation, @stop_requested, @updated_at)`);
+      (machine_id, instance_id, driver, state_dir, step, restarts, generation, stop_requested, stop_deadline, restart_at, updated_at)
+      VALUES (@machine_id, @instance_id, @driver, @state_dir, @step, @restarts, @generation, @stop_requested, @stop_deadline, @restart_at, @updated_at)`);
     this.#del = this.#db.prepare('DELETE FROM instances WHERE machine_id = ?');
     this.#log = this.#db.prepare('INSERT INTO steps (machine_id, instance_id, step, at, detail) VALUES (?, ?, ?, ?, ?)');
+    this.#known = this.#db.prepare('SELECT DISTINCT machine_id FROM steps');
   }
 
   get(machineId: string): InstanceRow | undefined {
@@ -61,6 +72,10 @@ export class LocalState {
       this.#log.run(row.machine_id, row.instance_id, row.step, next.updated_at, detail ?? null);
     })();
     return next;
+  }
+  /** Every machine this host ever recorded a step for (the history outlives instances): what it may own on the system. */
+  knownMachines(): string[] {
+    return (this.#known.all() as Array<{ machine_id: string }>).map((r) => r.machine_id);
   }
   remove(machineId: string): void {
     this.#del.run(machineId);

@@ -1,5 +1,5 @@
 // The worker's orchestrator: reconciles the machines placed on this host with their desired state, durably.
-import { mkdir, rm, readFile } from 'node:fs/promises';
+import { mkdir, rm, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Catalog, MachineEvent, MachineSpec, MachineStatus, ImageRef, ExitEvent } from '../catalog/index.ts';
 import { durationMs } from '../catalog/index.ts';
@@ -8,7 +8,7 @@ import { TarmacError, errorMessage, isTarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import type { Driver, ExitStatus, ImageConfig, RunningMachine, RunSpec } from './driver.ts';
 import { LocalState, type InstanceRow, type Step } from './local-state.ts';
-import { setupMachineNetwork, teardownMachineNetwork } from './network.ts';
+import { setupMachineNetwork, teardownMachineNetwork, listMachineNetworks, netnsName } from './network.ts';
 
 /** What the orchestrator needs from the image store. */
 export interface ImagePuller {
@@ -34,6 +34,9 @@ export interface OrchestratorOptions {
 export const runtimeMetadataKey = 'tarmac_runtime';
 
 const defaultMaxRetries = 10;
+/** A catalog status write is retried this many times (short backoff) before a reconcile is scheduled retryLaterMs later, as after a failed task. */
+const statusWriteAttempts = 4;
+const retryLaterMs = 5000;
 
 export class Orchestrator {
   readonly #o: OrchestratorOptions;
@@ -41,6 +44,10 @@ export class Orchestrator {
   readonly #running = new Map<string, { instanceId: string; machine: RunningMachine }>();
   readonly #queues = new Map<string, Promise<void>>();
   readonly #dirty = new Set<string>();
+  /** Timers that schedule a reconcile later (a restart backoff ending, a status write to retry). */
+  readonly #timers = new Map<string, NodeJS.Timeout>();
+  /** Instances in a graceful stop: a destroy that arrives meanwhile kills them at once instead of waiting out the grace. */
+  readonly #stopping = new Map<string, RunningMachine>();
   readonly #log: Logger;
   #unsubscribe: (() => void) | undefined;
   #closed = false;
@@ -55,9 +62,14 @@ export class Orchestrator {
   async start(): Promise<void> {
     await mkdir(join(this.#o.dataDir, 'machines'), { recursive: true });
     this.#unsubscribe = this.#o.catalog.subscribe((batch) => {
-      for (const ch of batch.changes) if (ch.kind === 'machine_spec') this.#schedule(ch.key);
+      for (const ch of batch.changes) {
+        if (ch.kind !== 'machine_spec') continue;
+        this.#interruptStop(ch.key);
+        this.#schedule(ch.key);
+      }
     });
     await Promise.all(this.#local.all().map((row) => this.#enqueue(row.machine_id, () => this.#recover(row))));
+    await this.#sweepOrphans();
     for (const m of this.#o.catalog.listMachines({ host_id: this.#o.hostId, include_deleted: true })) this.#schedule(m.spec.id);
     for (const row of this.#local.all()) this.#schedule(row.machine_id); // instances whose machine left the catalog meanwhile
   }
@@ -66,6 +78,8 @@ export class Orchestrator {
   async close(): Promise<void> {
     this.#closed = true;
     this.#unsubscribe?.();
+    for (const t of this.#timers.values()) clearTimeout(t);
+    this.#timers.clear();
     await Promise.allSettled([...this.#queues.values()]);
     this.#local.close();
   }
@@ -98,10 +112,34 @@ export class Orchestrator {
     });
   }
 
+  /** Schedules a reconcile of `id` at `at` (epoch ms); an earlier spec change reconciles sooner anyway. */
+  #wakeAt(id: string, at: number): void {
+    if (this.#closed) return;
+    clearTimeout(this.#timers.get(id));
+    const timer = setTimeout(() => {
+      if (this.#timers.get(id) === timer) this.#timers.delete(id);
+      this.#schedule(id);
+    }, Math.max(0, at - Date.now()));
+    timer.unref();
+    this.#timers.set(id, timer);
+  }
+
+  /** A destroy (or removal from the catalog) during a graceful stop does not wait for the grace to run out. */
+  #interruptStop(id: string): void {
+    const machine = this.#stopping.get(id);
+    if (!machine) return;
+    const m = this.#o.catalog.getMachine(id);
+    if (m && m.spec.desired !== 'destroyed') return;
+    this.#log.info({ machine: id }, 'destroy requested during a stop: killing now');
+    void machine.kill('SIGKILL').catch((e: unknown) => this.#log.warn({ err: e, machine: id }, 'kill failed'));
+  }
+
   #enqueue(id: string, task: () => Promise<void>): Promise<void> {
     const prev = this.#queues.get(id) ?? Promise.resolve();
     const next = prev.then(task).catch((e: unknown) => {
-      this.#log.error({ err: e, machine: id }, 'machine task failed');
+      // The durable row says where it stopped; a later reconcile picks it up from there.
+      this.#log.error({ err: e, machine: id }, 'machine task failed; reconciling again in a few seconds');
+      this.#wakeAt(id, Date.now() + retryLaterMs);
     });
     this.#queues.set(id, next);
     void next.then(() => {
@@ -118,8 +156,10 @@ export class Orchestrator {
     const spec = m && m.spec.host_id === this.#o.hostId ? m.spec : undefined;
     let row = this.#local.get(id);
 
-    if (!spec || spec.desired === 'destroyed') {
+    // A destroyed machine (by request, or auto_destroy after its exit) never comes back.
+    if (!spec || spec.desired === 'destroyed' || m?.status?.state === 'destroyed') {
       if (row) await this.#removeInstance(row, spec, true);
+      else if (spec && m?.status?.state !== 'destroyed') await this.#removeLeftovers(id); // e.g. a start rolled back after a crash
       if (spec && m?.status?.state !== 'destroyed') {
         await rm(join(this.#o.dataDir, 'machines', id), { recursive: true, force: true });
         await this.#setStatus(spec, 'destroyed', [this.#event(id, 'destroy', 'destroyed', 'user')]);
@@ -134,20 +174,79 @@ export class Orchestrator {
       row = undefined;
     }
     if (spec.desired === 'stopped') {
-      if (row && this.#running.has(id)) await this.#stopInstance(row, spec, 'stopping');
-      else if (m?.status?.state !== 'stopped' || m.status.instance_id !== spec.instance_id) await this.#setStatus(spec, 'stopped');
+      // A stop left half-done (its cleanup failed) is finished too.
+      if (row && (this.#running.has(id) || row.step === 'stopping')) await this.#stopInstance(row, spec, 'stopping');
+      else {
+        if (row?.restart_at) this.#local.record({ ...row, restart_at: 0 }, 'policy restart cancelled by a stop');
+        if (m?.status?.state !== 'stopped' || m.status.instance_id !== spec.instance_id) await this.#setStatus(spec, 'stopped');
+      }
       return;
     }
     // desired: started
     if (row && this.#running.has(id)) {
-      if (row.generation === spec.restart_generation) {
+      if (row.generation === spec.restart_generation && row.step === 'running') {
         if (m?.status?.state !== 'started') await this.#setStatus(spec, 'started');
         return;
       }
-      row = await this.#stopInstance(row, spec, 'stopping'); // a restart request
+      row = await this.#stopInstance(row, spec, 'stopping'); // a restart request (or a stop the host was interrupted in)
     }
-    if (row && row.step === 'exited' && row.generation === spec.restart_generation) return; // exited by itself; waits for a start
+    if (row && row.step === 'exited' && row.generation === spec.restart_generation) {
+      if (row.restart_at > 0) {
+        // A restart by policy after a backoff; any spec change before then reconciles at once instead.
+        if (Date.now() < row.restart_at) return this.#wakeAt(id, row.restart_at);
+        await this.#startInstance(spec, row.restarts);
+        return;
+      }
+      // Exited by itself (or failed to start): waits for a start request. Settle a status a failed write left behind.
+      const state = m?.status?.state;
+      if (state === 'starting' || state === 'started' || state === 'stopping') await this.#setStatus(spec, 'stopped');
+      return;
+    }
     await this.#startInstance(spec, row ? row.restarts : 0);
+  }
+
+  /** Removes what an instance without a row may have left (driver state, network): after a rolled-back start, or lost local state. */
+  async #removeLeftovers(id: string, network = true): Promise<void> {
+    const stateDir = join(this.#o.dataDir, 'machines', id, 'instance');
+    const driverName = await readFile(join(stateDir, 'driver.json'), 'utf8').then(
+      (t) => (JSON.parse(t) as { driver?: string }).driver,
+      () => undefined,
+    );
+    const driver = this.#o.drivers[driverName ?? this.#o.defaultDriver] ?? this.#o.drivers[this.#o.defaultDriver];
+    await driver?.remove(id, stateDir);
+    if (network) await teardownMachineNetwork(id);
+  }
+
+  /**
+   * At start, after recovery: removes what no instance of this host accounts for. Driver state under this host's data
+   * dir without an instance row, and network namespaces of machines this host ran (its step history or catalog
+   * placement) that have no instance row and are no longer wanted. Namespaces of machines this host never knew are
+   * left alone: another host may share the machine.
+   */
+  async #sweepOrphans(): Promise<void> {
+    const rows = new Set(this.#local.all().map((r) => r.machine_id));
+    const placed = new Map(this.#o.catalog.listMachines({ host_id: this.#o.hostId, include_deleted: true }).map((m) => [m.spec.id, m]));
+    const known = new Set([...this.#local.knownMachines(), ...placed.keys()]);
+    const unwanted = (id: string) => {
+      const m = placed.get(id);
+      return !m || m.spec.desired === 'destroyed' || m.status?.state === 'destroyed';
+    };
+    const tasks: Array<Promise<void>> = [];
+    const dirs = await readdir(join(this.#o.dataDir, 'machines')).catch(() => [] as string[]);
+    for (const id of dirs) {
+      if (rows.has(id) || !/^[0-9a-z]+$/.test(id)) continue;
+      const stateDir = join(this.#o.dataDir, 'machines', id, 'instance');
+      if (!(await readdir(stateDir).then(() => true, () => false))) continue;
+      this.#log.warn({ machine: id }, 'removing an orphaned instance (no local state records it)');
+      tasks.push(this.#enqueue(id, () => this.#removeLeftovers(id, unwanted(id))));
+    }
+    const stems = new Set(await listMachineNetworks());
+    for (const id of known) {
+      if (rows.has(id) || !unwanted(id) || !stems.has(netnsName(id).slice('tm-'.length))) continue;
+      this.#log.warn({ machine: id, netns: netnsName(id) }, 'removing an orphaned machine network');
+      tasks.push(this.#enqueue(id, () => teardownMachineNetwork(id)));
+    }
+    await Promise.all(tasks);
   }
 
   async #startInstance(spec: MachineSpec, restarts: number): Promise<void> {
@@ -156,8 +255,10 @@ export class Orchestrator {
     const driver = this.#o.drivers[driverName];
     const base: InstanceRow = {
       machine_id: id, instance_id: spec.instance_id, driver: driverName, state_dir: join(this.#o.dataDir, 'machines', id, 'instance'),
-      step: 'pulling', restarts, generation: spec.restart_generation, stop_requested: 0, updated_at: '',
+      step: 'pulling', restarts, generation: spec.restart_generation, stop_requested: 0, stop_deadline: 0, restart_at: 0, updated_at: '',
     };
+    clearTimeout(this.#timers.get(id));
+    this.#timers.delete(id);
     let row = this.#local.record(base);
     const step = (s: Step, detail?: string) => (row = this.#local.record({ ...row, step: s }, detail));
     try {
@@ -267,9 +368,10 @@ export class Orchestrator {
   }
 
   /** An exit nobody asked for: record it, then restart by policy or settle as stopped (or destroyed). */
-  async #onExit(id: string, instanceId: string, exit: ExitStatus): Promise<void> {
+  async #onExit(id: string, instanceId: string, exit: ExitStatus, detail?: string): Promise<void> {
     const row = this.#local.get(id);
     if (!row || row.instance_id !== instanceId || row.stop_requested || row.step !== 'running') return;
+    if (detail) this.#log.info({ machine: id, code: exit.code }, detail);
     const spec = this.#o.catalog.getMachine(id)?.spec;
     const policy = spec?.config.restart?.policy ?? 'on-failure';
     const maxRetries = spec?.config.restart?.max_retries ?? defaultMaxRetries;
@@ -282,13 +384,18 @@ export class Orchestrator {
     this.#log.info({ machine: id, code: exit.code, oom: exit.oomKilled, restart }, 'machine exited');
     const driver = this.#o.drivers[row.driver];
     await driver?.remove(id, row.state_dir).catch((e: unknown) => this.#log.warn({ err: e, machine: id }, 'instance cleanup failed'));
-    this.#local.record({ ...row, step: 'exited' }, `exit ${exit.code}${exit.oomKilled ? ' oom' : ''}`);
+    // The backoff is a time in the row, not a wait on this queue: a stop or destroy meanwhile is handled at once,
+    // and a host that restarts during it still restarts the machine.
+    const restartAt = restart ? Date.now() + Math.min(100 * 2 ** row.restarts, 10_000) : 0;
+    this.#local.record(
+      { ...row, step: 'exited', restarts: restart ? row.restarts + 1 : row.restarts, restart_at: restartAt },
+      `exit ${exit.code}${exit.oomKilled ? ' oom' : ''}${restart ? ' (restarting)' : ''}`,
+    );
     if (!spec) return;
     const events = [this.#event(id, 'exit', 'stopped', 'flyd', { exit_event: exitEvent })];
     if (restart) {
       await this.#setStatus(spec, 'stopped', events, { last_exit: exitEvent, restarts: row.restarts + 1 });
-      await delay(Math.min(100 * 2 ** row.restarts, 10_000));
-      if (!this.#closed) await this.#startInstance(spec, row.restarts + 1);
+      this.#wakeAt(id, restartAt);
       return;
     }
     await this.#setStatus(spec, 'stopped', events, { last_exit: exitEvent });
@@ -301,17 +408,27 @@ export class Orchestrator {
   /** Stops a running instance as asked (stop_config or the /stop request), then removes its runtime state. */
   async #stopInstance(row: InstanceRow, spec: MachineSpec, state: 'stopping' | 'replacing'): Promise<InstanceRow> {
     const running = this.#running.get(row.machine_id);
-    row = this.#local.record({ ...row, step: 'stopping', stop_requested: 1 });
-    await this.#setStatus(spec, state, [this.#event(spec.id, 'stop', state, 'user')]);
     const signal = spec.stop?.signal ?? spec.config.stop_config?.signal ?? 'SIGINT';
     const timeoutMs = spec.stop?.timeout_ms ?? (spec.config.stop_config?.timeout !== undefined ? durationMs(spec.config.stop_config.timeout) : this.#o.defaultStopTimeoutMs ?? 5000);
+    // A stop the host was interrupted in keeps its deadline: the grace is not granted twice.
+    const resumed = row.step === 'stopping' && row.stop_deadline > 0;
+    const deadline = resumed ? row.stop_deadline : Date.now() + timeoutMs;
+    row = this.#local.record({ ...row, step: 'stopping', stop_requested: 1, stop_deadline: deadline, restart_at: 0 }, resumed ? 'stop resumed' : undefined);
+    const prev = this.#o.catalog.getMachine(spec.id)?.status;
+    if (!resumed || prev?.state !== state) await this.#setStatus(spec, state, [this.#event(spec.id, 'stop', state, 'user')]);
     let exit: ExitStatus | undefined;
     if (running) {
-      exit = await running.machine.stop(signal, timeoutMs);
+      this.#stopping.set(row.machine_id, running.machine);
+      this.#interruptStop(row.machine_id); // a destroy that came in since this reconcile read the spec
+      try {
+        exit = await running.machine.stop(signal, Math.max(0, deadline - Date.now()));
+      } finally {
+        this.#stopping.delete(row.machine_id);
+      }
       this.#running.delete(row.machine_id);
     }
     await this.#o.drivers[row.driver]?.remove(row.machine_id, row.state_dir);
-    row = this.#local.record({ ...row, step: 'exited', stop_requested: 0 }, 'stopped on request');
+    row = this.#local.record({ ...row, step: 'exited', stop_requested: 0, stop_deadline: 0 }, 'stopped on request');
     if (state === 'stopping') {
       const exitEvent: ExitEvent | undefined = exit && {
         exit_code: exit.code, oom_killed: exit.oomKilled, requested_stop: true, restarting: false, signal: exit.signal, exited_at: exit.exitedAt.toISOString(),
@@ -328,7 +445,12 @@ export class Orchestrator {
     if (running) {
       if (spec && destroy) await this.#setStatus(spec, 'destroying', [this.#event(spec.id, 'destroy', 'destroying', 'user')]);
       const signal = spec?.config.stop_config?.signal ?? 'SIGINT';
-      await running.machine.stop(signal, spec ? Math.min(this.#o.defaultStopTimeoutMs ?? 5000, 5000) : 0);
+      this.#stopping.set(row.machine_id, running.machine);
+      try {
+        await running.machine.stop(signal, spec ? Math.min(this.#o.defaultStopTimeoutMs ?? 5000, 5000) : 0);
+      } finally {
+        this.#stopping.delete(row.machine_id);
+      }
       this.#running.delete(row.machine_id);
     }
     await this.#o.drivers[row.driver]?.remove(row.machine_id, row.state_dir);
@@ -340,28 +462,61 @@ export class Orchestrator {
     }
   }
 
-  /** After a host restart: reattach to what still runs, settle what ended, roll back half-done starts. */
+  /**
+   * After a host restart, per instance row: reattach to what still runs, settle what ended while the host was down,
+   * roll back half-done starts. What is still wanted then happens in the reconcile that follows.
+   */
   async #recover(row: InstanceRow): Promise<void> {
+    const id = row.machine_id;
     const driver = this.#o.drivers[row.driver];
-    if (!driver) return;
-    if (row.step === 'running' || row.step === 'stopping') {
-      const found = await driver.recover(row.machine_id, row.state_dir);
-      if (found && 'pid' in found) {
-        this.#log.info({ machine: row.machine_id, pid: found.pid }, 'reattached to running machine');
-        this.#attach(row.machine_id, row.instance_id, found);
-        if (row.step === 'stopping') this.#local.record({ ...row, step: 'running', stop_requested: 0 });
-        return;
-      }
-      const exit = found?.exited ?? { code: 255, signal: 0, oomKilled: false, exitedAt: new Date() };
-      this.#local.record({ ...row, step: 'running', stop_requested: 0 }, 'ended while the host was down');
-      await this.#onExit(row.machine_id, row.instance_id, exit);
+    if (!driver) {
+      this.#log.error({ machine: id, driver: row.driver }, 'instance of a driver this host no longer has: left as it is');
       return;
     }
-    if (row.step === 'pulling' || row.step === 'preparing' || row.step === 'starting' || row.step === 'removing') {
-      // Interrupted mid-step: roll back to nothing; the reconcile that follows starts it again if it is wanted.
-      await driver.remove(row.machine_id, row.state_dir);
-      this.#local.record({ ...row, step: 'removed' }, `rolled back from ${row.step}`);
-      this.#local.remove(row.machine_id);
+    switch (row.step) {
+      case 'running':
+      case 'stopping': {
+        const found = await driver.recover(id, row.state_dir);
+        if (found && 'pid' in found) {
+          this.#log.info({ machine: id, pid: found.pid, step: row.step }, 'reattached to running machine');
+          // A stop in progress stays one (stop_requested): the reconcile finishes it with the deadline it had.
+          this.#attach(id, row.instance_id, found);
+          return;
+        }
+        const exit = found?.exited ?? { code: 255, signal: 0, oomKilled: false, exitedAt: new Date() };
+        if (row.step === 'running') {
+          await this.#onExit(id, row.instance_id, exit, 'ended while the host was down');
+          return;
+        }
+        // It exited while we were stopping it: the stop is done.
+        await driver.remove(id, row.state_dir);
+        this.#local.record({ ...row, step: 'exited', stop_requested: 0, stop_deadline: 0 }, 'stopped while the host was down');
+        const spec = this.#o.catalog.getMachine(id)?.spec;
+        if (spec && spec.desired === 'stopped' && spec.instance_id === row.instance_id) {
+          const exitEvent: ExitEvent = {
+            exit_code: exit.code, oom_killed: exit.oomKilled, requested_stop: true, restarting: false, signal: exit.signal, exited_at: exit.exitedAt.toISOString(),
+          };
+          await this.#setStatus(spec, 'stopped', [this.#event(id, 'exit', 'stopped', 'flyd', { exit_event: exitEvent })], { last_exit: exitEvent });
+        }
+        return;
+      }
+      case 'pulling':
+      case 'preparing':
+      case 'starting':
+        // Interrupted mid-start: roll back to nothing (the driver removes a container even if it already runs); the
+        // reconcile that follows starts it again if it is still wanted, or removes its network if not.
+        await driver.remove(id, row.state_dir);
+        this.#local.record({ ...row, step: 'removed' }, `rolled back from ${row.step}`);
+        this.#local.remove(id);
+        return;
+      case 'removing':
+        // Interrupted mid-removal: it was going anyway, so no grace; the reconcile finishes the destroy (network and
+        // all) or the replacement, since the row still says what was under way.
+        await driver.remove(id, row.state_dir);
+        return;
+      case 'exited':
+      case 'removed':
+        return;
     }
   }
 
@@ -377,7 +532,21 @@ export class Orchestrator {
       ...(prev?.last_exit ? { last_exit: prev.last_exit } : {}),
       ...extra,
     };
-    await this.#o.catalog.putMachineStatus(status, events);
+    // Observed state must reach the catalog eventually: retry a failed write a few times, then have the reconcile
+    // (which compares the instance with the catalog status) try again later. The local state stays the truth.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.#o.catalog.putMachineStatus(status, events);
+        return;
+      } catch (e) {
+        if (attempt >= statusWriteAttempts || this.#closed) {
+          this.#log.error({ err: e, machine: spec.id, state }, 'could not write the machine status to the catalog; retrying later');
+          this.#wakeAt(spec.id, Date.now() + retryLaterMs);
+          return;
+        }
+        await delay(50 * 4 ** attempt);
+      }
+    }
   }
 
   #event(machineId: string, type: MachineEvent['type'], status: string, source: MachineEvent['source'], request?: Record<string, unknown>): MachineEvent {
