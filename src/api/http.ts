@@ -53,8 +53,17 @@ export function sendError(res: ServerResponse, err: TarmacError, headers: Record
     res.destroy();
     return;
   }
-  sendJson(res, err.httpStatus, { error: err.message, code: err.code }, headers);
+  const body: Record<string, string> = { error: err.message, code: err.code };
+  const flyStatus = flyErrorStatus[err.code];
+  if (flyStatus) body['status'] = flyStatus;
+  sendJson(res, err.httpStatus, body, headers);
 }
+
+/** Fly's machine-readable `status` in error bodies, where Tarmac has the same failure (fly-go reads it). */
+const flyErrorStatus: Partial<Record<TarmacError['code'], string>> = {
+  name_taken: 'name_taken',
+  no_capacity: 'insufficient_capacity',
+};
 
 /** "config.services[0].ports[1].port" from a zod issue path. */
 export function issuePath(path: ReadonlyArray<PropertyKey>, prefix = ''): string {

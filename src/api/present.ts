@@ -5,6 +5,10 @@ import type { AppResponse, ImageRefResponse, LeaseResponse, MachineEventResponse
 /** Events included in a machine's JSON (Fly shows the latest few). */
 export const machineEventsShown = 5;
 
+/**
+ * An app as Fly shows it. `created_at` is Unix milliseconds, as in Fly's create-app response; `id` is the
+ * app's name (Fly's is an opaque id; names are unique here, so the name serves).
+ */
 export function presentApp(app: App, org: Org | undefined, machineCount: number): AppResponse {
   return {
     id: app.name,
@@ -13,7 +17,7 @@ export function presentApp(app: App, org: Org | undefined, machineCount: number)
     status: machineCount > 0 ? 'deployed' : 'pending',
     network: app.network,
     machine_count: machineCount,
-    created_at: app.created_at,
+    created_at: Date.parse(app.created_at),
   };
 }
 
@@ -23,9 +27,15 @@ export function machineState(m: Machine): MachineState {
   return m.spec.desired === 'destroyed' ? 'destroyed' : 'created';
 }
 
-export function presentMachine(m: Machine, events: MachineEvent[]): MachineResponse {
+/**
+ * A machine in Fly's shape. `config` is returned as the client gave it (Tarmac applies guest defaults at
+ * placement and does not write them into the config, deliberately: a config read back equals the one sent).
+ * `version` is the current version's instance_id, a string as in Fly (fly-go decodes it as a string).
+ * `nonce` is shown while the machine is leased, as Fly documents (the same nonce GET /lease answers).
+ */
+export function presentMachine(m: Machine, events: MachineEvent[], lease?: Lease): MachineResponse {
   const { spec, status } = m;
-  return {
+  const out: MachineResponse = {
     id: spec.id,
     name: spec.name,
     state: machineState(m),
@@ -38,10 +48,12 @@ export function presentMachine(m: Machine, events: MachineEvent[]): MachineRespo
     created_at: spec.created_at,
     updated_at: status && status.updated_at > spec.updated_at ? status.updated_at : spec.updated_at,
     host_status: 'ok',
-    version: spec.version,
+    version: spec.instance_id,
     cordoned: spec.cordoned,
     desired_state: spec.desired,
   };
+  if (lease && lease.expires_at > Date.now() / 1000) out.nonce = lease.nonce;
+  return out;
 }
 
 export function presentEvent(e: MachineEvent): MachineEventResponse {

@@ -54,11 +54,17 @@ const appName = z.string().regex(/^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/, 'must
 const machineName = z.string().regex(/^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$/, 'must be 1-63 letters, digits, ".", "_" or "-", starting with a letter or digit');
 const regionCode = z.string().regex(/^[a-z0-9-]{2,32}$/, 'must be a region code like "ord" or "local"');
 
+/**
+ * Fly documents `app_name`; fly-go's flaps client sends `name`, `app_role_id`, and empty strings for
+ * fields it leaves unset (Go zero values), so both spellings are accepted and "" means "not given".
+ */
 const createAppSchema = z.strictObject({
-  app_name: appName,
-  org_slug: z.string().min(1).optional(),
-  network: z.string().regex(/^[a-z0-9_-]{1,63}$/, 'must be 1-63 lowercase letters, digits, "_" or "-"').optional(),
+  app_name: appName.optional(),
+  name: appName.optional(),
+  org_slug: z.string().optional(),
+  network: z.union([z.literal(''), z.string().regex(/^[a-z0-9_-]{1,63}$/, 'must be 1-63 lowercase letters, digits, "_" or "-"')]).optional(),
   enable_subdomains: z.boolean().optional(),
+  app_role_id: z.string().optional(),
 });
 
 const machineRequestFields = {
@@ -67,8 +73,9 @@ const machineRequestFields = {
   config: machineConfigSchema,
   skip_launch: z.boolean().optional(),
   lease_ttl: z.number().int().min(1).max(86_400).optional(),
-  // Fly create fields accepted and kept out of the way:
+  // Fly: "like a combined Create and Cordon": the machine stays out of routing until uncordoned.
   skip_service_registration: z.boolean().optional(),
+  // Fly create fields accepted and kept out of the way:
   skip_secrets: z.boolean().optional(),
   lsvd: z.boolean().optional(),
   min_secrets_version: z.number().int().min(0).optional(),
@@ -98,13 +105,19 @@ const signalSchema = z.union([
   }),
 ]);
 
-/** Fly accepts a Go duration string, `{"time.Duration": ns}`, or (here) a number of seconds. */
+/**
+ * Fly accepts a Go duration string, `{"time.Duration": ns}`, or (here) a number of seconds; Fly's docs call
+ * the field "seconds to wait" typed string, so a string of digits is seconds too.
+ */
 const stopTimeoutSchema = z.union([
+  z.string().regex(/^\d+$/).transform((s) => Number(s) * 1000),
   z.string().refine((s) => durationSchema.safeParse(s).success, 'must be a duration like "10s" or "500ms"').transform((d) => durationMs(d)),
   z.number().nonnegative().max(86_400).transform((s) => s * 1000),
   z.strictObject({ 'time.Duration': z.number().int().nonnegative() }).transform((o) => o['time.Duration'] / 1e6),
 ]);
 const stopSchema = z.strictObject({
+  // fly-go's StopMachineInput carries the machine's id in the body.
+  id: z.string().optional(),
   signal: stopConfigSchema.shape.signal,
   timeout: stopTimeoutSchema.optional(),
 });
@@ -114,7 +127,10 @@ const leaseSchema = z.strictObject({
 });
 const signalBodySchema = z.strictObject({ signal: signalSchema });
 
-const waitStates = [...machineStates, 'suspended'] as const;
+const waitStates = [...machineStates, 'suspended', 'settled'] as const;
+type WaitState = (typeof waitStates)[number];
+/** What `settled` means: a state the machine rests in, not one on its way to another. */
+const settledStates: ReadonlySet<MachineState | 'suspended'> = new Set(['started', 'stopped', 'failed', 'destroyed', 'suspended']);
 
 // ---- helpers ----
 
@@ -126,6 +142,10 @@ function event(machine_id: string, type: MachineEvent['type'], status: string, r
 
 function now(): string {
   return new Date().toISOString();
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
 function flag(query: URLSearchParams, name: string): boolean {
@@ -168,7 +188,7 @@ function notDestroyed(m: Machine): void {
 }
 
 function machineJson(deps: Deps, m: Machine): MachineResponse {
-  return presentMachine(m, deps.catalog.listEvents(m.spec.id, machineEventsShown));
+  return presentMachine(m, deps.catalog.listEvents(m.spec.id, machineEventsShown), deps.catalog.getLease(m.spec.id));
 }
 
 async function writeSpec(deps: Deps, m: Machine, change: Partial<MachineSpec>, events: MachineEvent[]): Promise<Machine> {
@@ -216,12 +236,17 @@ async function createApp(ctx: Ctx): Promise<void> {
   const body = parseInput(createAppSchema, await readJsonBody(ctx.req) ?? {});
   const { catalog } = ctx.deps;
   const p = ctx.principal;
-  const org = body.org_slug ?? (p.kind === 'org' ? p.org : 'personal');
+  if (body.app_name !== undefined && body.name !== undefined && body.app_name !== body.name) {
+    throw new TarmacError('invalid_argument', `name: "${body.name}" differs from app_name "${body.app_name}"; send one of them`);
+  }
+  const name = body.app_name ?? body.name;
+  if (name === undefined) throw new TarmacError('invalid_argument', 'app_name: required');
+  const org = body.org_slug || (p.kind === 'org' ? p.org : 'personal');
   if (!canSeeOrg(p, org)) throw new TarmacError('forbidden', `this token may only create apps in organization "${p.kind === 'org' ? p.org : ''}"`);
   const orgRow = catalog.getOrg(org);
   if (!orgRow) throw new TarmacError('not_found', `organization "${org}" not found`);
-  if (catalog.getApp(body.app_name)) throw new TarmacError('name_taken', `app name "${body.app_name}" is already taken`);
-  const app = { name: body.app_name, org_slug: org, network: body.network ?? 'default', created_at: now() };
+  if (catalog.getApp(name)) throw new TarmacError('name_taken', `app name "${name}" is already taken`);
+  const app = { name, org_slug: org, network: body.network || 'default', created_at: now() };
   await catalog.createApp(app);
   ctx.log.info({ app: app.name, org }, 'app created');
   sendJson(ctx.res, 201, presentApp(app, orgRow, 0));
@@ -251,6 +276,9 @@ async function getApp(ctx: Ctx): Promise<void> {
 async function deleteApp(ctx: Ctx): Promise<void> {
   const { catalog } = ctx.deps;
   const app = visibleApp(catalog, ctx.principal, param(ctx, 'app'));
+  // Fly asks for stopped machines or `?force=true`; Tarmac always takes the machines down with the app
+  // (deliberate: nothing is left half-deleted). `force` is still checked to be a boolean.
+  flag(ctx.query, 'force');
   await catalog.deleteApp(app.name);
   ctx.log.info({ app: app.name }, 'app deleted');
   ctx.res.writeHead(202, { 'content-length': 0 }).end();
@@ -286,19 +314,23 @@ async function createMachine(ctx: Ctx): Promise<void> {
     version: 1,
     desired: body.skip_launch ? 'stopped' : 'started',
     restart_generation: 0,
-    cordoned: false,
+    cordoned: body.skip_service_registration === true,
     private_ip: machineAddress(org.network_id, host.host_number, number),
     created_at: at,
     updated_at: at,
   };
-  await catalog.createMachine(spec, [event(id, 'launch', 'created')]);
+  const launched = event(id, 'launch', 'created');
+  await catalog.createMachine(spec, [launched]);
   let nonce: string | undefined;
   if (body.lease_ttl !== undefined) {
     nonce = newNonce();
     await catalog.putLease({ machine_id: id, nonce, owner: ctx.principal.name, description: '', expires_at: Math.floor(Date.now() / 1000) + body.lease_ttl, version: newUlid() }, undefined);
   }
   ctx.log.info({ app: app.name, machine_id: id, host_id: host.id, region }, 'machine created');
-  const out = machineJson(ctx.deps, catalog.getMachine(id) ?? { spec, status: undefined });
+  // The answer is the machine as created, as Fly's is (state `created`, the launch event), even when a
+  // worker on this host has already begun starting it. Its image_ref has no digest yet: the worker
+  // resolves the digest when it pulls (Fly resolves it before answering).
+  const out = presentMachine({ spec, status: undefined }, [launched]);
   if (nonce) out.nonce = nonce;
   sendJson(ctx.res, 200, out);
 }
@@ -335,6 +367,8 @@ async function updateMachine(ctx: Ctx): Promise<void> {
   if (body.region !== undefined && body.region !== m.spec.region) {
     throw new TarmacError('invalid_argument', `region: a machine cannot move from "${m.spec.region}" to "${body.region}"; create a new machine instead`);
   }
+  // Fly documents name as immutable on update; Tarmac allows a rename (deliberate: a superset that a
+  // client following the docs never meets), still refusing a name in use.
   const name = body.name ?? m.spec.name;
   if (name !== m.spec.name && catalog.listMachines({ app: m.spec.app }).some((o) => o.spec.name === name && o.spec.desired !== 'destroyed')) {
     throw new TarmacError('name_taken', `machine name "${name}" is already used in app "${m.spec.app}"`);
@@ -350,6 +384,7 @@ async function updateMachine(ctx: Ctx): Promise<void> {
     instance_id: newUlid(),
     version: m.spec.version + 1,
     desired: body.skip_launch ? 'stopped' : 'started',
+    cordoned: body.skip_service_registration === true || m.spec.cordoned,
   }, [event(m.spec.id, 'update', 'pending')]);
   ctx.log.info({ machine_id: m.spec.id, version: updated.spec.version }, 'machine updated');
   sendJson(ctx.res, 200, machineJson(ctx.deps, updated));
@@ -396,10 +431,17 @@ function stopParams(signal: string | undefined, timeoutMs: number | undefined): 
 
 async function stopMachine(ctx: Ctx): Promise<void> {
   const m = visibleMachine(ctx);
-  const body = parseInput(stopSchema, await readJsonBody(ctx.req) ?? {});
+  const raw = await readJsonBody(ctx.req) ?? {};
+  // Go clients send zero values for what they leave unset: "" for the signal, "0s" for the timeout.
+  if (isRecord(raw) && raw['signal'] === '') delete raw['signal'];
+  const body = parseInput(stopSchema, raw);
+  if (body.id !== undefined && body.id !== '' && body.id !== m.spec.id) {
+    throw new TarmacError('invalid_argument', `id: "${body.id}" is not the machine in the path (${m.spec.id})`);
+  }
   notDestroyed(m);
   checkLease(ctx, m.spec.id);
-  const change = { desired: 'stopped' as const, ...stopParams(body.signal, body.timeout) };
+  const timeout = body.timeout === 0 ? undefined : body.timeout;
+  const change = { desired: 'stopped' as const, ...stopParams(body.signal, timeout) };
   if (m.spec.desired !== 'stopped' || change.stop) {
     await writeSpec(ctx.deps, m, change, [event(m.spec.id, 'stop', 'pending', change.stop ? { ...change.stop } : undefined)]);
   }
@@ -449,6 +491,37 @@ async function listEvents(ctx: Ctx): Promise<void> {
   sendJson(ctx.res, 200, ctx.deps.catalog.listEvents(m.spec.id, 100).map(presentEvent));
 }
 
+// ---- metadata ----
+
+const metadataValueSchema = z.strictObject({ value: z.string() });
+
+async function getMetadata(ctx: Ctx): Promise<void> {
+  const m = visibleMachine(ctx);
+  sendJson(ctx.res, 200, m.spec.config.metadata ?? {});
+}
+
+/**
+ * Sets or removes one `config.metadata` entry. Like Fly, this changes neither the instance nor the running
+ * machine, and takes no lease nonce (fly-go sends none).
+ */
+async function setMetadata(ctx: Ctx, value: string | undefined): Promise<void> {
+  const m = visibleMachine(ctx);
+  notDestroyed(m);
+  const key = param(ctx, 'key');
+  const metadata = { ...m.spec.config.metadata };
+  if (value === undefined) delete metadata[key];
+  else metadata[key] = value;
+  const { metadata: _old, ...rest } = m.spec.config;
+  const config = Object.keys(metadata).length > 0 ? { ...rest, metadata } : rest;
+  await writeSpec(ctx.deps, m, { config }, []);
+  ctx.res.writeHead(204).end();
+}
+
+async function putMetadata(ctx: Ctx): Promise<void> {
+  const body = parseInput(metadataValueSchema, await readJsonBody(ctx.req) ?? {});
+  await setMetadata(ctx, body.value);
+}
+
 // ---- wait ----
 
 function parseWaitTimeout(raw: string | null): number {
@@ -464,22 +537,30 @@ function parseWaitTimeout(raw: string | null): number {
 async function waitMachine(ctx: Ctx): Promise<void> {
   const { catalog } = ctx.deps;
   const m = visibleMachine(ctx);
-  const rawState = ctx.query.get('state') || 'started';
-  if (!(waitStates as readonly string[]).includes(rawState)) {
-    throw new TarmacError('invalid_argument', `state: must be one of ${waitStates.join(', ')}`);
+  // fly-go repeats `state` to wait for any of several; a comma-separated list works too.
+  const rawStates = ctx.query.getAll('state').flatMap((v) => v.split(',')).map((v) => v.trim()).filter((v) => v !== '');
+  if (rawStates.length === 0) rawStates.push('started');
+  for (const st of rawStates) {
+    if (!(waitStates as readonly string[]).includes(st)) {
+      throw new TarmacError('invalid_argument', `state: must be one of ${waitStates.join(', ')} (got "${st}")`);
+    }
   }
-  const target = rawState as (typeof waitStates)[number];
+  const targets = new Set(rawStates as WaitState[]);
+  const target = [...targets].join(' or ');
+  const wants = (state: MachineState): boolean => targets.has(state) || (targets.has('settled') && settledStates.has(state));
   const timeoutMs = parseWaitTimeout(ctx.query.get('timeout'));
   const id = m.spec.id;
+  // `version` is what fly-go sends for the instance; `from_event_id` is accepted and not needed here.
   // Waiting for `started` without an instance means the current instance (so a wait after an update waits for it).
-  const instance = ctx.query.get('instance_id') || (target === 'started' ? m.spec.instance_id : undefined);
+  const instance = ctx.query.get('instance_id') || ctx.query.get('version')
+    || (targets.size === 1 && targets.has('started') ? m.spec.instance_id : undefined);
 
   const check = (): 'reached' | 'gone' | undefined => {
     const cur = catalog.getMachine(id);
-    if (!cur) return target === 'destroyed' ? 'reached' : 'gone';
+    if (!cur) return wants('destroyed') ? 'reached' : 'gone';
     const state = machineState(cur);
-    if (state === target && (instance === undefined || (cur.status?.instance_id ?? cur.spec.instance_id) === instance)) return 'reached';
-    if (state === 'destroyed' && target !== 'destroyed') return 'gone';
+    if (wants(state) && (instance === undefined || (cur.status?.instance_id ?? cur.spec.instance_id) === instance)) return 'reached';
+    if (state === 'destroyed') return 'gone';
     return undefined;
   };
 
@@ -538,7 +619,11 @@ async function getLease(ctx: Ctx): Promise<void> {
 async function acquireLease(ctx: Ctx): Promise<void> {
   const { catalog } = ctx.deps;
   const m = visibleMachine(ctx);
-  const body = parseInput(leaseSchema, await readJsonBody(ctx.req) ?? {});
+  const raw = await readJsonBody(ctx.req) ?? {};
+  // fly-go sends the ttl as a query parameter and no body; the docs put it in the body.
+  const queryTtl = ctx.query.get('ttl');
+  if (queryTtl !== null && isRecord(raw) && raw['ttl'] === undefined) raw['ttl'] = /^\d+$/.test(queryTtl) ? Number(queryTtl) : queryTtl;
+  const body = parseInput(leaseSchema, raw);
   notDestroyed(m);
   const header = ctx.req.headers['fly-machine-lease-nonce'];
   const nonceHeader = typeof header === 'string' && header !== '' ? header : undefined;
@@ -556,7 +641,7 @@ async function acquireLease(ctx: Ctx): Promise<void> {
     version: newUlid(),
   };
   await catalog.putLease(lease, current ? current.nonce : undefined);
-  sendJson(ctx.res, 200, presentLease(lease));
+  sendJson(ctx.res, 201, presentLease(lease));
 }
 
 async function releaseLease(ctx: Ctx): Promise<void> {
@@ -568,7 +653,7 @@ async function releaseLease(ctx: Ctx): Promise<void> {
   const lease = ctx.deps.catalog.getLease(m.spec.id);
   if (!lease) throw new TarmacError('not_found', `machine ${m.spec.id} has no lease`);
   await ctx.deps.catalog.deleteLease(m.spec.id, nonce);
-  sendJson(ctx.res, 200, { ok: true });
+  sendJson(ctx.res, 200, { status: 'success', data: { ok: true } });
 }
 
 // ---- logs ----
@@ -634,6 +719,9 @@ export const routes: Route[] = [
   { method: 'GET', path: '/v1/apps/:app/machines/:id/lease', handler: getLease },
   { method: 'POST', path: '/v1/apps/:app/machines/:id/lease', handler: acquireLease },
   { method: 'DELETE', path: '/v1/apps/:app/machines/:id/lease', handler: releaseLease },
+  { method: 'GET', path: '/v1/apps/:app/machines/:id/metadata', handler: getMetadata },
+  { method: 'POST', path: '/v1/apps/:app/machines/:id/metadata/:key', handler: putMetadata },
+  { method: 'DELETE', path: '/v1/apps/:app/machines/:id/metadata/:key', handler: (ctx) => setMetadata(ctx, undefined) },
   { method: 'POST', path: '/v1/apps/:app/machines/:id/cordon', handler: (ctx) => setCordon(ctx, true) },
   { method: 'POST', path: '/v1/apps/:app/machines/:id/uncordon', handler: (ctx) => setCordon(ctx, false) },
 ];

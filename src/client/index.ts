@@ -14,7 +14,8 @@ export interface AppResponse {
   status: string;
   network: string;
   machine_count: number;
-  created_at: string;
+  /** Unix milliseconds, as in Fly's create-app response. */
+  created_at: number;
 }
 
 export interface ListAppsResponse {
@@ -23,7 +24,12 @@ export interface ListAppsResponse {
 }
 
 export interface CreateAppRequest {
-  app_name: string;
+  /** Required unless `name` is given. */
+  app_name?: string;
+  /** What fly-go's flaps client sends instead of `app_name`. */
+  name?: string;
+  /** Accepted for Fly compatibility (fly-go sends it); has no effect. */
+  app_role_id?: string;
   /** Defaults to the token's org (org tokens) or "personal" (admin). */
   org_slug?: string;
   network?: string;
@@ -62,11 +68,12 @@ export interface MachineResponse {
   created_at: string;
   updated_at: string;
   host_status?: 'ok' | 'unknown' | 'unreachable';
+  /** The current version's instance_id, as Fly reports it. */
+  version?: string;
   /** Tarmac additions. */
-  version?: number;
   cordoned?: boolean;
   desired_state?: 'started' | 'stopped' | 'destroyed';
-  /** Lease nonce, only on a create/update that asked for `lease_ttl` (as Fly does). */
+  /** Lease nonce: on a create that asked for `lease_ttl`, and while the machine is leased (as Fly documents). */
   nonce?: string;
 }
 
@@ -109,6 +116,12 @@ export interface OkResponse {
   ok: true;
 }
 
+/** Answer of `DELETE …/lease`, as Fly documents it. */
+export interface LeaseReleaseResponse {
+  status: 'success';
+  data: { ok: true };
+}
+
 export interface StartResponse {
   previous_state: MachineStateName;
   migrated: boolean;
@@ -130,8 +143,9 @@ export interface ListMachinesOptions {
 }
 
 export interface WaitOptions {
-  /** Default `started`. */
+  /** Default `started`. `settled`: any state that is not on its way to another. */
   state?: 'started' | 'stopped' | 'destroyed' | 'failed' | 'created' | 'suspended' | 'settled';
+  /** Wait for this version; fly-go sends the same as `version`. */
   instance_id?: string;
   /** Seconds; server default 60, max 300. */
   timeout?: number;
