@@ -1,18 +1,25 @@
-// Tests of the `tarmac` CLI: pure parsing and formatting, then the real binary against a real API server.
+// Tests of the `tarmac` CLI: pure parsing and formatting, then the real binary against a real host with real machines.
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { appendFile, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Readable, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
+import { request } from 'undici';
 import {
   buildCreateRequest, parseCommandLine, parseEnvPairs, parsePortSpec, portsToServices, splitCommand, UsageError, type Command,
 } from './args.ts';
 import { resolveApiConfig } from './config.ts';
+import { runCli } from './main.ts';
 import { ago, eventDetail, servicesLabel, table, visibleLength } from './format.ts';
-import type { MachineResponse } from '../client/index.ts';
+import { Progress, progressLine } from './progress.ts';
+import type { LogEntry, MachineEventResponse, MachineResponse } from '../client/index.ts';
+import { startRegistry, freePort, type TestRegistry } from '../../test/helpers/registry.ts';
+import { httpImage } from '../../test/helpers/images.ts';
+import { startTestHost, machineNamespaces, type TestHost } from '../../test/helpers/host.ts';
+import { waitFor } from '../../test/helpers/wait.ts';
 
 function run(argv: string[], env: Record<string, string> = {}): { command: Command; global: unknown } {
   const r = parseCommandLine(argv, env);
@@ -220,14 +227,75 @@ describe('formatting', () => {
   });
 });
 
-// ---- end to end: the real binary against a real API with an embedded catalog ----
+
+describe('machine progress', () => {
+  const t0 = Date.parse('2024-05-01T12:00:00Z');
+  const ev = (n: number, type: string, status: string, request?: Record<string, unknown>): MachineEventResponse => ({
+    id: `e${n}`, type, status, source: 'flyd', timestamp: t0 + n * 100, ...(request ? { request } : {}),
+  });
+  const image = '127.0.0.1:5000/hello:latest';
+  const digest = `sha256:${'ab'.repeat(32)}`;
+  // What the orchestrator writes for a cold image: starting, a first pulling, pulling with totals, pulled, started.
+  const cold = [
+    ev(0, 'launch', 'created'),
+    ev(1, 'start', 'starting'),
+    ev(2, 'pull', 'pulling', { image }),
+    ev(3, 'pull', 'pulling', { image, layers: 2, bytes: 512 * 1024, total: 2 * 1024 * 1024 }),
+    ev(4, 'pull', 'pulling', { image, layers: 2, bytes: 2 * 1024 * 1024, total: 2 * 1024 * 1024 }),
+    ev(5, 'pull', 'pulled', { image, layers: 2, bytes: 2 * 1024 * 1024, total: 2 * 1024 * 1024, digest }),
+    ev(12, 'start', 'started', { pull_ms: 400 }),
+  ];
+  const render = async (tty: boolean): Promise<string> => {
+    let out = '';
+    const p = new Progress(async (s) => { out += s; }, tty, { color: false });
+    for (const e of cold) await p.event(e);
+    await p.end();
+    return out;
+  };
+
+  test('not on a terminal: one line per phase', async () => {
+    assert.equal(await render(false), [
+      '  launch   created',
+      '  start    starting',
+      `  pull     pulling  ${image}`,
+      `  pull     pulled   ${image}  2.0 MB, 2 layers, sha256:abababababab`,
+      '  start    started  in 1.1s (image 0.4s)',
+      '',
+    ].join('\n'));
+  });
+
+  test('on a terminal: the pull line rewrites itself with bytes and total, and pulled ends it', async () => {
+    const out = await render(true);
+    assert.equal(out, [
+      '  launch   created\n',
+      '  start    starting\n',
+      `  pull     pulling  ${image}`,
+      `\r\x1b[K  pull     pulling  ${image}  512.0 KB of 2.0 MB (25%), 2 layers`,
+      `\r\x1b[K  pull     pulling  ${image}  2.0 MB of 2.0 MB (100%), 2 layers`,
+      `\r\x1b[K  pull     pulled   ${image}  2.0 MB, 2 layers, sha256:abababababab\n`,
+      '  start    started  in 1.1s (image 0.4s)\n',
+    ].join(''));
+  });
+
+  test('other events keep their generic detail', () => {
+    assert.equal(progressLine(ev(1, 'exit', 'stopped', { exit_event: { exit_code: 3, oom_killed: false, restarting: true } }), { color: false }),
+      '  exit     stopped  exit code 3, restarting');
+    assert.equal(progressLine(ev(1, 'start', 'started'), { color: false }), '  start    started');
+    assert.equal(progressLine(ev(3, 'start', 'started', { pull_ms: 2 }), { color: false }, t0 + 100), '  start    started  in 0.2s');
+  });
+});
+
+// ---- end to end: the real binary against a real host (API, orchestrator, runc machines, proxy) ----
 
 const bin = fileURLToPath(new URL('../../bin/tarmac.mjs', import.meta.url));
 
 interface Result { code: number | null; stdout: string; stderr: string }
 
 /** Runs `node bin/tarmac.mjs ARGS` in `cwd` with only the environment given (plus PATH/HOME). */
-function tarmac(args: string[], env: Record<string, string>, cwd: string, opts: { stopWhen?: (stdout: string) => boolean } = {}): Promise<Result> {
+function tarmac(
+  args: string[], env: Record<string, string>, cwd: string,
+  opts: { onStdout?: (stdout: string) => void; stopWhen?: (stdout: string) => boolean } = {},
+): Promise<Result> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [bin, ...args], {
       cwd,
@@ -239,13 +307,14 @@ function tarmac(args: string[], env: Record<string, string>, cwd: string, opts: 
     let signalled = false;
     child.stdout.setEncoding('utf8').on('data', (d: string) => {
       stdout += d;
+      opts.onStdout?.(stdout);
       if (opts.stopWhen && !signalled && opts.stopWhen(stdout)) {
         signalled = true;
         child.kill('SIGINT');
       }
     });
     child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+    const timer = setTimeout(() => child.kill('SIGKILL'), 90_000);
     child.on('error', reject);
     child.on('close', (code) => {
       clearTimeout(timer);
@@ -254,12 +323,19 @@ function tarmac(args: string[], env: Record<string, string>, cwd: string, opts: 
   });
 }
 
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
+/**
+ * The same CLI in this process (`runCli` with captured streams, no terminal): for the checks of tables, JSON and
+ * error lines that do not need a process of their own, since every `node bin/tarmac.mjs` costs ~0.5 s of CPU.
+ */
+async function cli(args: string[], env: Record<string, string>, cwd: string): Promise<Result> {
+  let stdout = '';
+  let stderr = '';
+  const sink = (add: (s: string) => void) => new Writable({ write(chunk: Buffer | string, _enc, cb) { add(String(chunk)); cb(); } });
+  const code = await runCli(args, {
+    stdout: sink((s) => (stdout += s)), stderr: sink((s) => (stderr += s)), stdin: Readable.from([]),
+    env: { ...env }, cwd, interrupt: new AbortController().signal,
+  });
+  return { code, stdout, stderr };
 }
 
 function assertOneErrorLine(r: Result, code: number, pattern: RegExp): void {
@@ -269,118 +345,121 @@ function assertOneErrorLine(r: Result, code: number, pattern: RegExp): void {
   assert.match(r.stderr, pattern);
 }
 
-describe('tarmac against a real API', () => {
+function ok(r: Result): string {
+  assert.equal(r.code, 0, `exit code ${r.code}, stderr: ${r.stderr}, stdout: ${r.stdout}`);
+  assert.equal(r.stderr, '');
+  return r.stdout;
+}
+
+describe('tarmac against a real host', () => {
+  let registry: TestRegistry | undefined;
+  let h: TestHost | undefined;
+  let httpRef = '';
   let dir = '';
-  let logsDir = '';
   let env: Record<string, string> = {};
-  let closeAll: () => Promise<void> = async () => {};
-  const token = 'tm_cli_test_admin_token';
+  const made: string[] = [];
 
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'tarmac-cli-e2e-'));
-    logsDir = join(dir, 'logs');
-    await mkdir(logsDir);
-    const { openSqliteCatalog } = await import('../catalog/index.ts');
-    const { startApi } = await import('../api/index.ts');
-    const { readLogs } = await import('../orchestrator/index.ts');
-    const { silentLogger } = await import('../shared/log.ts');
-    const catalog = openSqliteCatalog(join(dir, 'catalog.db'));
-    const at = new Date().toISOString();
-    await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: await catalog.allocateNetworkNumber(), created_at: at });
-    await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker', 'edge', 'api'], host_number: 1, cpus: 2, memory_mb: 4096, address: '127.0.0.1', updated_at: at });
-    // Logs come from the worker side: machines' console files in conmon's format, read by the orchestrator's reader.
-    const api = await startApi({
-      catalog, listen: { host: '127.0.0.1', port: 0 }, log: silentLogger(), region: 'local', adminToken: token,
-      workers: {
-        signal: async () => {},
-        logs: (ids, opts) => readLogs(ids.map((id) => ({ machineId: id, path: join(logsDir, `${id}.log`) })), opts),
-      },
-    });
-    env = { TARMAC_API_URL: api.url, TARMAC_API_TOKEN: token };
-    closeAll = async () => {
-      await api.close();
-      await catalog.close();
-    };
+    registry = await startRegistry();
+    [httpRef, h] = await Promise.all([httpImage(registry.host, { name: 'cli-http' }), startTestHost()]);
+    env = { TARMAC_API_URL: h.host.apiUrl!, TARMAC_API_TOKEN: h.host.adminToken };
   });
 
   after(async () => {
-    await closeAll();
-    await rm(dir, { recursive: true, force: true });
+    try {
+      await h?.close();
+    } finally {
+      await registry?.stop();
+      await rm(dir, { recursive: true, force: true });
+    }
+    const left = (await machineNamespaces()).filter((n) => made.includes(n));
+    assert.deepEqual(left, [], 'no network namespace of these machines is left');
   });
+
+  const get = async (app: string): Promise<{ status: number; body: string }> => {
+    const res = await request(`${h!.proxyUrl}/`, { headers: { host: `${app}.localhost` } });
+    return { status: res.statusCode, body: (await res.body.text()).trim() };
+  };
+
+  /** Waits until the app answers through the proxy with `body`; a timeout says what it answered last. */
+  const answers = (app: string, body: string, what: string): Promise<true> => waitFor(what, async () => {
+    const r = await get(app);
+    if (r.body !== body) throw new Error(`last answer ${r.status} ${JSON.stringify(r.body.slice(0, 200))}`);
+    return true;
+  }, 30_000);
+
+  /** The new machine's id from the first line `machine run` prints (remembered for the leak check). */
+  const idOf = (stdout: string): string => {
+    const id = /^Machine ([0-9a-f]{14}) /.exec(stdout)?.[1];
+    assert.ok(id, `a machine id in ${JSON.stringify(stdout)}`);
+    made.push(id);
+    return id;
+  };
 
   test('apps create, list and destroy, as tables and as JSON', async () => {
     const [hello, world] = await Promise.all([
-      tarmac(['apps', 'create', 'hello'], env, dir),
-      tarmac(['apps', 'create', 'world', '--org', 'personal', '--json'], env, dir),
+      cli(['apps', 'create', 'hello'], env, dir),
+      cli(['apps', 'create', 'world', '--org', 'personal', '--json'], env, dir),
     ]);
-    assert.equal(hello.code, 0, hello.stderr);
-    assert.equal(hello.stdout, 'Created app hello in organization personal\n');
-    assert.equal(hello.stderr, '');
-    assert.equal(world.code, 0, world.stderr);
-    const created = JSON.parse(world.stdout) as { name: string; organization: { slug: string } };
+    assert.equal(ok(hello), 'Created app hello in organization personal\n');
+    const created = JSON.parse(ok(world)) as { name: string; organization: { slug: string } };
     assert.equal(created.name, 'world');
     assert.equal(created.organization.slug, 'personal');
 
-    let r = await tarmac(['apps', 'list'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    const lines = r.stdout.trimEnd().split('\n');
+    let r = await cli(['apps', 'list'], env, dir);
+    const lines = ok(r).trimEnd().split('\n');
     assert.match(lines[0]!, /^NAME +ORG +STATUS +MACHINES +CREATED$/);
     assert.match(lines[1]!, /^hello +personal +pending +0 +\d+s ago$/);
     assert.match(lines[2]!, /^world +personal +pending +0 +\d+s ago$/);
     assert.ok(!r.stdout.includes('\x1b['), 'no colour when stdout is not a terminal');
 
-    r = await tarmac(['apps', 'list', '--json'], env, dir);
-    const listed = JSON.parse(r.stdout) as { total_apps: number; apps: Array<{ name: string }> };
-    assert.equal(listed.total_apps, 2);
-    assert.deepEqual(listed.apps.map((a) => a.name).sort(), ['hello', 'world']);
+    const [listed, taken, noYes] = await Promise.all([
+      cli(['apps', 'list', '--json'], env, dir),
+      cli(['apps', 'create', 'hello'], env, dir),
+      cli(['apps', 'destroy', 'world'], env, dir),
+    ]);
+    const doc = JSON.parse(ok(listed)) as { total_apps: number; apps: Array<{ name: string }> };
+    assert.equal(doc.total_apps, 2);
+    assert.deepEqual(doc.apps.map((a) => a.name).sort(), ['hello', 'world']);
+    assertOneErrorLine(taken, 1, /already taken/);
+    assertOneErrorLine(noYes, 2, /needs --yes when not run from a terminal/);
 
-    r = await tarmac(['apps', 'create', 'hello'], env, dir);
-    assertOneErrorLine(r, 1, /already taken/);
-
-    r = await tarmac(['apps', 'destroy', 'world'], env, dir);
-    assertOneErrorLine(r, 2, /needs --yes when not run from a terminal/);
-
-    r = await tarmac(['apps', 'destroy', 'world', '--yes', '--json'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    assert.deepEqual(JSON.parse(r.stdout), { ok: true });
-    r = await tarmac(['apps', 'destroy', 'world', '--yes'], env, dir);
+    r = await cli(['apps', 'destroy', 'world', '--yes', '--json'], env, dir);
+    assert.deepEqual(JSON.parse(ok(r)), { ok: true });
+    r = await cli(['apps', 'destroy', 'world', '--yes'], env, dir);
     assertOneErrorLine(r, 1, /world/);
   });
 
   test('machine list and status on an empty app', async () => {
-    assert.equal((await tarmac(['apps', 'create', 'empty'], env, dir)).code, 0);
     const [list, listJson, status, statusJson, machine] = await Promise.all([
-      tarmac(['machine', 'list', '-a', 'empty'], env, dir),
-      tarmac(['machine', 'list', '-a', 'empty', '--json'], env, dir),
-      tarmac(['status', '-a', 'empty'], env, dir),
-      tarmac(['status', '-a', 'empty', '--json'], env, dir),
-      tarmac(['machine', 'status', '0123456789abcd', '-a', 'empty'], env, dir),
+      cli(['machine', 'list', '-a', 'hello'], env, dir),
+      cli(['machine', 'list', '-a', 'hello', '--json'], env, dir),
+      cli(['status', '-a', 'hello'], env, dir),
+      cli(['status', '-a', 'hello', '--json'], env, dir),
+      cli(['machine', 'status', '0123456789abcd', '-a', 'hello'], env, dir),
     ]);
-    assert.equal(list.code, 0, list.stderr);
-    assert.equal(list.stdout, 'No machines in app empty\n');
-    assert.deepEqual(JSON.parse(listJson.stdout), []);
-
-    assert.equal(status.code, 0, status.stderr);
-    assert.match(status.stdout, /^App +empty$/m);
+    assert.equal(ok(list), 'No machines in app hello\n');
+    assert.deepEqual(JSON.parse(ok(listJson)), []);
+    assert.match(ok(status), /^App +hello$/m);
     assert.match(status.stdout, /^Organization +personal$/m);
-    assert.match(status.stdout, /No machines: create one with 'tarmac machine run IMAGE -a empty'/);
-    const doc = JSON.parse(statusJson.stdout) as { app: { name: string }; machines: unknown[] };
-    assert.equal(doc.app.name, 'empty');
+    assert.match(status.stdout, /No machines: create one with 'tarmac machine run IMAGE -a hello'/);
+    const doc = JSON.parse(ok(statusJson)) as { app: { name: string }; machines: unknown[] };
+    assert.equal(doc.app.name, 'hello');
     assert.deepEqual(doc.machines, []);
-
     assertOneErrorLine(machine, 1, /0123456789abcd/);
   });
 
-  test('errors: a missing app, a bad token, a usage mistake, an unreachable API', async () => {
+  test('errors: a missing app, a bad token, a usage mistake, an unreachable API, no token', async () => {
     const port = await freePort();
     const [missing, missingJson, badToken, usage, unreachable, noToken] = await Promise.all([
-      tarmac(['machine', 'list', '-a', 'nope'], env, dir),
-      tarmac(['status', '-a', 'nope', '--json'], env, dir),
-      tarmac(['apps', 'list', '--token', 'wrong'], env, dir),
-      tarmac(['machine', 'run', 'img', '-a', 'x', '--port', '80:notaport'], env, dir),
-      tarmac(['apps', 'list'], { TARMAC_API_TOKEN: token, TARMAC_API_URL: `http://127.0.0.1:${port}` }, dir),
+      cli(['machine', 'list', '-a', 'nope'], env, dir),
+      cli(['status', '-a', 'nope', '--json'], env, dir),
+      cli(['apps', 'list', '--token', 'wrong'], env, dir),
+      cli(['machine', 'run', 'img', '-a', 'x', '--port', '80:notaport'], env, dir),
+      cli(['apps', 'list'], { TARMAC_API_TOKEN: env['TARMAC_API_TOKEN']!, TARMAC_API_URL: `http://127.0.0.1:${port}` }, dir),
       // No token anywhere: the data dir has none either.
-      tarmac(['apps', 'list'], { TARMAC_API_URL: env['TARMAC_API_URL']! }, dir),
+      cli(['apps', 'list'], { TARMAC_API_URL: env['TARMAC_API_URL']! }, dir),
     ]);
     assertOneErrorLine(missing, 1, /nope/);
     assertOneErrorLine(missingJson, 1, /nope/);
@@ -390,86 +469,9 @@ describe('tarmac against a real API', () => {
     assertOneErrorLine(noToken, 1, /no API token/);
   });
 
-  test('the token is read from $TARMAC_DATA_DIR/admin-token', async () => {
-    const data = join(dir, 'data');
-    await mkdir(data, { recursive: true });
-    await writeFile(join(data, 'admin-token'), `${token}\n`, { mode: 0o600 });
-    const r = await tarmac(['apps', 'list', '--json'], { TARMAC_API_URL: env['TARMAC_API_URL']!, TARMAC_DATA_DIR: data }, dir);
-    assert.equal(r.code, 0, r.stderr);
-    assert.ok(Array.isArray((JSON.parse(r.stdout) as { apps: unknown[] }).apps));
-  });
-
-  test('machine run --detach, list, status, a timed-out wait, destroy', async () => {
-    assert.equal((await tarmac(['apps', 'create', 'web'], env, dir)).code, 0);
-    let r = await tarmac(['machine', 'run', '127.0.0.1:5000/hello:latest', '-a', 'web', '--port', '80:8080/tcp:http', '--env', 'A=1', '--name', 'one', '--detach', '--json'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    const m = JSON.parse(r.stdout) as MachineResponse;
-    assert.match(m.id, /^[0-9a-f]{14}$/);
-    assert.equal(m.name, 'one');
-    assert.deepEqual(m.config.env, { A: '1' });
-    assert.deepEqual(m.config.services, [{ protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }] }]);
-
-    r = await tarmac(['machine', 'list', '-a', 'web'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    const [head, row] = r.stdout.trimEnd().split('\n');
-    assert.match(head!, /^ID +NAME +STATE +REGION +IMAGE +IP +UPDATED$/);
-    assert.match(row!, new RegExp(`^${m.id} +one +created +local +127\\.0\\.0\\.1:5000/hello:latest +fdaa:\\S+ +\\d+s ago$`));
-
-    r = await tarmac(['machine', 'list', '-a', 'web'], { ...env, FORCE_COLOR: '1' }, dir);
-    assert.match(r.stdout, /^\x1b\[1mID +NAME/, 'bold headers when colour is forced');
-    assert.match(r.stdout, /\x1b\[33mcreated\x1b\[39m/);
-
-    r = await tarmac(['machine', 'status', m.id, '-a', 'web'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stdout, new RegExp(`^ID +${m.id}$`, 'm'));
-    assert.match(r.stdout, /^Services +80→8080\/tcp \[http\]$/m);
-    assert.match(r.stdout, /^Recent events\nTIMESTAMP +TYPE +STATUS +SOURCE +DETAIL\n\S+ \S+ +launch +created +user/m);
-    r = await tarmac(['machine', 'status', m.id, '-a', 'web', '--json'], env, dir);
-    assert.equal((JSON.parse(r.stdout) as MachineResponse).id, m.id);
-
-    // Nothing runs machines here, so waiting for it to start runs out, with the events shown as progress.
-    r = await tarmac(['machine', 'run', '127.0.0.1:5000/hello:latest', '-a', 'web', '--wait-timeout', '1'], env, dir);
-    assert.equal(r.code, 1);
-    assert.match(r.stdout, /^Machine [0-9a-f]{14} \(\S+\) created in app web, region local\n {2}launch +created/);
-    assert.match(r.stderr, /^Error: machine [0-9a-f]{14} did not start within 1s \(state created\): see 'tarmac machine status [0-9a-f]{14} -a web'\n$/);
-
-    r = await tarmac(['machine', 'destroy', m.id, '-a', 'web', '--force'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    assert.equal(r.stdout, `Destroyed machine ${m.id}\n`);
-  });
-
-  test('logs print lines, as NDJSON with --json, and --follow runs until Ctrl-C', async () => {
-    assert.equal((await tarmac(['apps', 'create', 'logged'], env, dir)).code, 0);
-    const r0 = await tarmac(['machine', 'run', 'busybox', '-a', 'logged', '--detach', '--json'], env, dir);
-    const id = (JSON.parse(r0.stdout) as MachineResponse).id;
-    const file = join(logsDir, `${id}.log`);
-    await writeFile(file, '2024-05-01T12:00:00.000000001Z stdout F hello\n2024-05-01T12:00:01.000000001Z stderr F oops\n');
-
-    let r = await tarmac(['logs', '-a', 'logged'], env, dir);
-    assert.equal(r.code, 0, r.stderr);
-    assert.equal(r.stdout, `2024-05-01T12:00:00.000000001Z ${id} hello\n2024-05-01T12:00:01.000000001Z ${id} [stderr] oops\n`);
-
-    r = await tarmac(['logs', '-a', 'logged', '--machine', id, '--json'], env, dir);
-    const entries = r.stdout.trimEnd().split('\n').map((l) => JSON.parse(l) as { message: string; stream: string; machine_id: string });
-    assert.deepEqual(entries.map((e) => [e.stream, e.message, e.machine_id]), [['stdout', 'hello', id], ['stderr', 'oops', id]]);
-
-    r = await tarmac(['logs', '-a', 'logged', '--machine', 'ffffffffffffff'], env, dir);
-    assertOneErrorLine(r, 1, /ffffffffffffff/);
-
-    // Follow: a line written after the CLI printed the old ones appears, then Ctrl-C ends it with exit 0.
-    let appended = false;
-    r = await tarmac(['logs', '-a', 'logged', '-f'], env, dir, {
-      stopWhen: (out) => {
-        if (!appended && out.includes('oops')) {
-          appended = true;
-          void appendFile(file, '2024-05-01T12:00:02.000000001Z stdout F later\n');
-        }
-        return out.includes('later');
-      },
-    });
-    assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stdout, /later\n$/);
-    assert.equal(r.stderr, '');
+  test('the token is read from $TARMAC_DATA_DIR/admin-token (the host writes it there)', async () => {
+    const r = await cli(['apps', 'list', '--json'], { TARMAC_API_URL: env['TARMAC_API_URL']!, TARMAC_DATA_DIR: h!.dataDir }, dir);
+    assert.ok(Array.isArray((JSON.parse(ok(r)) as { apps: unknown[] }).apps));
   });
 
   test('help and version need no API', async () => {
@@ -478,10 +480,195 @@ describe('tarmac against a real API', () => {
       tarmac(['version', '--json'], {}, dir),
       tarmac(['apps', 'list', '--nope'], {}, dir),
     ]);
-    assert.equal(help.code, 0);
-    assert.match(help.stdout, /Usage:\n {2}tarmac machine run IMAGE -a APP \[flags\]/);
-    assert.equal(version.code, 0);
-    assert.match((JSON.parse(version.stdout) as { version: string }).version, /^\d+\.\d+\.\d+/);
+    assert.match(ok(help), /Usage:\n {2}tarmac machine run IMAGE -a APP \[flags\]/);
+    assert.match((JSON.parse(ok(version)) as { version: string }).version, /^\d+\.\d+\.\d+/);
     assertOneErrorLine(bad, 2, /unknown flag --nope\. See 'tarmac apps list --help'\./);
+  });
+
+  test('machine run waits with progress, the machine serves through the proxy; list, status, stop, start, restart, destroy', async () => {
+    ok(await tarmac(['apps', 'create', 'web'], env, dir));
+    // A cold image: the progress shows each phase once (stdout is not a terminal), in order.
+    let out = ok(await tarmac(['machine', 'run', httpRef, '-a', 'web', '--port', '80:8080/tcp:http', '--env', 'A=1', '--name', 'one'], env, dir));
+    const id = idOf(out);
+    const lines = out.trimEnd().split('\n');
+    const image = httpRef.replace(/[.]/g, '\\.');
+    assert.match(lines[0]!, new RegExp(`^Machine ${id} \\(one\\) created in app web, region local$`));
+    const at = (re: RegExp): number => {
+      const found = lines.flatMap((l, i) => (re.test(l) ? [i] : []));
+      assert.equal(found.length, 1, `one line matching ${re} in:\n${out}`);
+      return found[0]!;
+    };
+    const order = [
+      at(/^ {2}launch +created$/),
+      at(/^ {2}start +starting$/),
+      at(new RegExp(`^ {2}pull +pulling +${image}`)),
+      at(new RegExp(`^ {2}pull +pulled +${image} +[\\d.]+ (B|KB|MB), \\d+ layers?, sha256:[0-9a-f]{12}$`)),
+      at(/^ {2}start +started +in [\d.]+s( \(image [\d.]+s\))?$/),
+      at(new RegExp(`^Machine ${id} is started at fdaa:[0-9a-f:]+, serving 80→8080/tcp \\[http\\]$`)),
+    ];
+    assert.deepEqual(order, [...order].sort((a, b) => a - b), `phases in order:\n${out}`);
+    assert.equal(order.at(-1), lines.length - 1, 'the started line is the last');
+    // It returned once started: the machine answers through the proxy with its id.
+    await answers('web', id, 'the machine to answer through the proxy');
+
+    const [list, listJson, status, mstatus, colored] = await Promise.all([
+      tarmac(['machine', 'list', '-a', 'web'], env, dir),
+      tarmac(['machine', 'list', '-a', 'web', '--json'], env, dir),
+      tarmac(['status', '-a', 'web'], env, dir),
+      cli(['machine', 'status', id, '-a', 'web'], env, dir),
+      cli(['machine', 'list', '-a', 'web'], { ...env, FORCE_COLOR: '1' }, dir),
+    ]);
+    assert.match(ok(colored), /^\x1b\[1mID +NAME/, 'bold headers when colour is forced');
+    assert.match(colored.stdout, /\x1b\[32mstarted\x1b\[39m/);
+    const [head, row, extra] = ok(list).trimEnd().split('\n');
+    assert.match(head!, /^ID +NAME +STATE +REGION +IMAGE +IP +UPDATED$/);
+    assert.match(row!, new RegExp(`^${id} +one +started +local +${image} +fdaa:\\S+ +\\d+s ago$`));
+    assert.equal(extra, undefined);
+    const machines = JSON.parse(ok(listJson)) as MachineResponse[];
+    assert.equal(machines.length, 1);
+    assert.equal(machines[0]!.state, 'started');
+    assert.deepEqual(machines[0]!.config.env, { A: '1' });
+    assert.deepEqual(machines[0]!.config.services, [{ protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }] }]);
+    assert.match(ok(status), /^App +web$/m);
+    assert.match(status.stdout, new RegExp(`^${id} +one +started +local`, 'm'));
+    assert.match(ok(mstatus), /^State +started$/m);
+    assert.match(mstatus.stdout, /^Digest +sha256:[0-9a-f]{64}$/m);
+    assert.match(mstatus.stdout, /^Recent events\nTIMESTAMP +TYPE +STATUS +SOURCE +DETAIL\n/m);
+    assert.match(mstatus.stdout, / start +started +flyd +pull_ms=\d+$/m);
+
+    // stop and start wait for the new state.
+    assert.equal(ok(await tarmac(['machine', 'stop', id, '-a', 'web'], env, dir)), `Machine ${id} stopped\n`);
+    assert.equal((await h!.client.getMachine('web', id)).state, 'stopped');
+    assert.equal((await get('web')).status, 503, 'a stopped machine serves nothing');
+    assert.equal(ok(await tarmac(['machine', 'start', id, '-a', 'web'], env, dir)), `Machine ${id} started\n`);
+    assert.equal((await h!.client.getMachine('web', id)).state, 'started');
+    await answers('web', id, 'the started machine to answer');
+
+    // Regression: restart returned at once (the machine is `started` before and after, with the same instance).
+    // It now returns only after the machine has started again, after the restart request.
+    out = ok(await tarmac(['machine', 'restart', id, '-a', 'web'], env, dir));
+    const events = await h!.client.listEvents('web', id);
+    const restart = events.find((e) => e.type === 'restart');
+    assert.ok(restart, 'the API recorded the restart');
+    const startedAfter = events.filter((e) => e.type === 'start' && e.status === 'started' && e.timestamp >= restart.timestamp);
+    assert.equal(startedAfter.length, 1, 'the machine had started again when restart returned');
+    assert.ok(events.some((e) => e.type === 'exit' && e.timestamp >= restart.timestamp), 'the old process exited');
+    assert.match(out, /^ {2}start +starting\n {2}start +started +in [\d.]+s/m);
+    assert.match(out, new RegExp(`Machine ${id} restarted\\n$`));
+    assert.doesNotMatch(out, /pull/, 'a restart pulls nothing');
+    await answers('web', id, 'the restarted machine to answer');
+
+    assert.equal(ok(await tarmac(['machine', 'destroy', id, '-a', 'web', '--force'], env, dir)), `Destroyed machine ${id}\n`);
+    await h!.client.waitMachine('web', id, { state: 'destroyed', timeout: 60 });
+    assert.equal(ok(await cli(['machine', 'list', '-a', 'web'], env, dir)), 'No machines in app web\n');
+  });
+
+  test('machine run of an image that does not exist fails with one error line', async () => {
+    const r = await tarmac(['machine', 'run', `${registry!.host}/missing:latest`, '-a', 'web'], env, dir);
+    assert.equal(r.code, 1, r.stderr);
+    const id = idOf(r.stdout);
+    assert.match(r.stderr, new RegExp(`^Error: machine ${id} is failed \\([^\\n]*missing[^\\n]*\\): see 'tarmac machine status ${id} -a web'\\n$`));
+    assert.match(r.stdout, /^ {2}failed +failed +image "[^"]+" not found in registry/m);
+    assert.equal((await h!.client.getMachine('web', id)).state, 'failed');
+
+    // --detach returns at once with the machine as JSON, before it gets anywhere.
+    const d = await cli(['machine', 'run', `${registry!.host}/missing:latest`, '-a', 'web', '--name', 'detached', '--detach', '--json'], env, dir);
+    const m = JSON.parse(ok(d)) as MachineResponse;
+    made.push(m.id);
+    assert.match(m.id, /^[0-9a-f]{14}$/);
+    assert.equal(m.name, 'detached');
+    assert.equal(m.state, 'created');
+  });
+
+  test('logs of real machines: lines, NDJSON, one machine, and --follow until Ctrl-C; apps destroy', async () => {
+    ok(await tarmac(['apps', 'create', 'logged'], env, dir));
+    const [echo, trap] = await Promise.all([
+      tarmac(['machine', 'run', httpRef, '-a', 'logged', '--cmd', `sh -c 'echo hello; echo oops >&2; exec sleep 600'`], env, dir),
+      tarmac(['machine', 'run', httpRef, '-a', 'logged', '--cmd', `sh -c 'trap "echo got-usr1" USR1; echo ready; while true; do sleep 0.1; done'`], env, dir),
+    ]);
+    const echoId = idOf(ok(echo));
+    const trapId = idOf(ok(trap));
+    assert.doesNotMatch(echo.stdout, /pull/, 'a cached image pulls nothing');
+    assert.match(echo.stdout, /^ {2}start +started +in [\d.]+s/m);
+
+    const ts = '\\d{4}-\\d\\d-\\d\\dT\\S+';
+    await waitFor('the three log lines', async () => {
+      let n = 0;
+      for await (const _ of h!.client.logs('logged')) n++;
+      return n >= 3;
+    }, 30_000);
+    const all = ok(await tarmac(['logs', '-a', 'logged'], env, dir));
+    assert.match(all, new RegExp(`^${ts} ${echoId} hello$`, 'm'));
+    assert.match(all, new RegExp(`^${ts} ${echoId} \\[stderr\\] oops$`, 'm'));
+    assert.match(all, new RegExp(`^${ts} ${trapId} ready$`, 'm'));
+
+    const [one, unknown] = await Promise.all([
+      tarmac(['logs', '-a', 'logged', '--machine', echoId, '--json'], env, dir),
+      cli(['logs', '-a', 'logged', '--machine', 'ffffffffffffff'], env, dir),
+    ]);
+    const entries = ok(one).trimEnd().split('\n').map((l) => JSON.parse(l) as LogEntry);
+    assert.deepEqual(entries.map((e) => [e.machine_id, e.stream, e.message]), [[echoId, 'stdout', 'hello'], [echoId, 'stderr', 'oops']]);
+    assertOneErrorLine(unknown, 1, /ffffffffffffff/);
+
+    // Follow: once the old lines are out, a signal makes the machine write a new one, which appears; Ctrl-C ends it.
+    let signalled: Promise<unknown> | undefined;
+    const follow = await tarmac(['logs', '-a', 'logged', '--machine', trapId, '-f'], env, dir, {
+      onStdout: (s) => { if (!signalled && s.includes('ready')) signalled = h!.client.signalMachine('logged', trapId, 'SIGUSR1'); },
+      stopWhen: (s) => s.includes('got-usr1'),
+    });
+    assert.deepEqual(await signalled, { ok: true });
+    assert.match(ok(follow), new RegExp(`^${ts} ${trapId} ready\\n${ts} ${trapId} got-usr1\\n$`));
+
+    const statusOut = await cli(['status', '-a', 'logged'], env, dir);
+    assert.match(ok(statusOut), new RegExp(`^${echoId} +\\S+ +started`, 'm'));
+    assert.match(statusOut.stdout, new RegExp(`^${trapId} +\\S+ +started`, 'm'));
+
+    // apps destroy takes its machines with it.
+    assert.equal(ok(await tarmac(['apps', 'destroy', 'logged', '--yes'], env, dir)), 'Destroyed app logged\n');
+    assertOneErrorLine(await cli(['machine', 'list', '-a', 'logged'], env, dir), 1, /logged/);
+    await h!.host.orchestrator?.idle();
+    await waitFor('the machines\' namespaces to go', async () => !(await machineNamespaces()).some((n) => n === echoId || n === trapId));
+  });
+
+  test('a signal sent through the API reaches the machine\'s process (tini forwards it), its output comes back as log NDJSON', async () => {
+    const c = h!.client;
+    await c.createApp({ app_name: 'sig', org_slug: 'personal' });
+    const m = await c.createMachine('sig', {
+      config: { image: httpRef, init: { cmd: ['sh', '-c', 'trap "echo got-usr1" USR1; echo ready; while true; do sleep 0.1; done'] } },
+    });
+    made.push(m.id);
+    await c.waitMachine('sig', m.id, { state: 'started', timeout: 60 });
+    const messages = async (): Promise<string[]> => {
+      const out: string[] = [];
+      for await (const l of c.logs('sig')) out.push(l.message);
+      return out;
+    };
+    await waitFor('the trap to be set', async () => (await messages()).includes('ready'));
+    assert.deepEqual(await c.signalMachine('sig', m.id, 'SIGUSR1'), { ok: true });
+    await waitFor('got-usr1 in the logs', async () => (await messages()).filter((s) => s === 'got-usr1').length === 1);
+    // Signals by number too (as Fly's API allows).
+    const res = await fetch(`${h!.host.apiUrl}/v1/apps/sig/machines/${m.id}/signal`, {
+      method: 'POST', headers: { authorization: `Bearer ${h!.host.adminToken}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ signal: osConstants.signals.SIGUSR1 }),
+    });
+    assert.equal(res.status, 200, await res.text());
+    await waitFor('a second got-usr1', async () => (await messages()).filter((s) => s === 'got-usr1').length === 2);
+    const events = await c.listEvents('sig', m.id);
+    assert.deepEqual(events.filter((e) => e.type === 'signal').map((e) => e.status), ['SIGUSR1', 'SIGUSR1']);
+
+    // Following: the stream ends when the client stops reading.
+    const stop = new AbortController();
+    const followed: string[] = [];
+    let sent = false;
+    for await (const l of c.logs('sig', { machine_id: m.id, follow: true, signal: stop.signal })) {
+      followed.push(l.message);
+      if (!sent && followed.filter((s) => s === 'got-usr1').length === 2) {
+        sent = true;
+        await c.signalMachine('sig', m.id, 'SIGUSR1');
+      }
+      if (followed.filter((s) => s === 'got-usr1').length === 3) stop.abort();
+    }
+    assert.deepEqual(followed, ['ready', 'got-usr1', 'got-usr1', 'got-usr1']);
+    await c.deleteApp('sig');
   });
 });

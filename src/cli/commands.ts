@@ -6,8 +6,9 @@ import { TarmacError } from '../shared/errors.ts';
 import { UsageError, type Command, type GlobalOptions } from './args.ts';
 import { resolveApiConfig } from './config.ts';
 import {
-  appDetails, appsTable, eventLine, eventsTable, logLine, machineDetails, machinesTable, servicesLabel, shouldColor, type Style,
+  appDetails, appsTable, eventsTable, logLine, machineDetails, machinesTable, servicesLabel, shouldColor, type Style,
 } from './format.ts';
+import { Progress } from './progress.ts';
 
 type OutStream = NodeJS.WritableStream & { isTTY?: boolean };
 
@@ -128,8 +129,15 @@ async function dispatch(cmd: Command, client: TarmacClient, out: Out): Promise<n
       return 0;
     }
     case 'machine restart': {
+      // A restart keeps the instance and the machine is `started` before and after: waiting for the state
+      // would return at once. What marks this restart done is a `start started` event after its request.
+      const before = cmd.detach ? undefined : new Set((await client.listEvents(cmd.app, cmd.id)).map((e) => e.id));
       const res = await client.restartMachine(cmd.app, cmd.id, stopOptions(cmd));
-      if (!cmd.detach) await waitState(client, cmd.app, cmd.id, 'started', cmd.waitTimeout);
+      if (before) {
+        const progress = out.json ? undefined : newProgress(out);
+        await followRestart(client, cmd.app, cmd.id, before, cmd.waitTimeout, progress);
+        await progress?.end();
+      }
       if (out.json) await out.doc(res);
       else await out.write(cmd.detach ? `Machine ${cmd.id} is restarting\n` : `Machine ${cmd.id} restarted\n`);
       return 0;
@@ -206,7 +214,7 @@ async function machineRun(cmd: RunCommand, client: TarmacClient, out: Out): Prom
     else await out.write(`Follow it with 'tarmac machine status ${created.id} -a ${cmd.app}'\n`);
     return 0;
   }
-  const progress = out.json ? undefined : new Progress(out);
+  const progress = out.json ? undefined : newProgress(out);
   const final = await followStart(client, cmd.app, created, cmd.waitTimeout, progress);
   await progress?.end();
   if (out.json) {
@@ -218,27 +226,52 @@ async function machineRun(cmd: RunCommand, client: TarmacClient, out: Out): Prom
   return 0;
 }
 
-/** Prints machine events as they arrive; on a terminal, consecutive pull events rewrite one line. */
-class Progress {
-  #open = false;
-  constructor(readonly out: Out) {}
-  async event(e: MachineEventResponse): Promise<void> {
-    const line = eventLine(e, this.out.style);
-    if (this.out.io.stdout.isTTY && e.type === 'pull') {
-      await this.out.write(`${this.#open ? '\r\x1b[K' : ''}${line}`);
-      this.#open = true;
-      return;
-    }
-    await this.end();
-    await this.out.write(line + '\n');
-  }
-  async end(): Promise<void> {
-    if (this.#open) await this.out.write('\n');
-    this.#open = false;
-  }
+const pollMs = 200;
+
+function newProgress(out: Out): Progress {
+  return new Progress((s) => out.write(s), out.io.stdout.isTTY === true, out.style);
 }
 
-const pollMs = 200;
+function byTime(a: MachineEventResponse, b: MachineEventResponse): number {
+  return a.timestamp - b.timestamp || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+}
+
+/**
+ * Waits for the restart requested just after `before` (the ids of the events that existed then) to finish:
+ * the API records a `restart` event; the restart is done at the first `start started` event at or after it,
+ * and failed at a `failed` event after it. Prints the new events as progress.
+ */
+async function followRestart(
+  client: TarmacClient, app: string, id: string, before: ReadonlySet<string>, timeoutS: number, progress: Progress | undefined,
+): Promise<void> {
+  const deadline = Date.now() + timeoutS * 1000;
+  const seen = new Set(before);
+  let marker: MachineEventResponse | undefined;
+  for (;;) {
+    const fresh = (await client.listEvents(app, id)).filter((e) => !seen.has(e.id)).sort(byTime);
+    for (const e of fresh) {
+      seen.add(e.id);
+      if (!marker && e.type === 'restart') {
+        marker = e;
+        continue;
+      }
+      await progress?.event(e);
+      if (!marker || e.timestamp < marker.timestamp) continue;
+      if (e.type === 'start' && e.status === 'started') return;
+      if (e.type === 'failed' || e.status === 'failed' || e.status === 'destroyed') {
+        await progress?.end();
+        const detail = typeof e.request?.['error'] === 'string' ? ` (${e.request['error']})` : '';
+        throw new TarmacError('failed_precondition', `machine ${id} did not restart: it is ${e.status}${detail}: see 'tarmac machine status ${id} -a ${app}'`);
+      }
+    }
+    if (Date.now() >= deadline) {
+      await progress?.end();
+      const m = await client.getMachine(app, id);
+      throw new TarmacError('timeout', `machine ${id} did not restart within ${timeoutS}s (state ${m.state}): see 'tarmac machine status ${id} -a ${app}'`);
+    }
+    await delay(pollMs);
+  }
+}
 
 /** Polls the machine until it is started, printing its new events; fails when it cannot get there. */
 async function followStart(
@@ -251,7 +284,7 @@ async function followStart(
   let events = created.events ?? [];
   for (;;) {
     const byId = new Map([...events, ...(m.events ?? [])].map((e) => [e.id, e] as const));
-    const fresh = [...byId.values()].filter((e) => !seen.has(e.id)).sort((a, b) => a.timestamp - b.timestamp || (a.id < b.id ? -1 : 1));
+    const fresh = [...byId.values()].filter((e) => !seen.has(e.id)).sort(byTime);
     for (const e of fresh) {
       seen.add(e.id);
       await progress?.event(e);
@@ -260,7 +293,9 @@ async function followStart(
     if (m.state === 'failed' || m.state === 'destroyed' || (m.state === 'stopped' && !restarting(m))) {
       await progress?.end();
       const why = lastFailure(m);
-      throw new TarmacError('failed_precondition', `machine ${m.id} is ${m.state}${why ? ` (${why})` : ''}: see 'tarmac logs -a ${app} --machine ${m.id}'`);
+      // A process that ran and exited says why in its logs; a machine that never started (pull, runtime) does not.
+      const see = latest(m, ['exit', 'failed'])?.type === 'exit' ? `tarmac logs -a ${app} --machine ${m.id}` : `tarmac machine status ${m.id} -a ${app}`;
+      throw new TarmacError('failed_precondition', `machine ${m.id} is ${m.state}${why ? ` (${why})` : ''}: see '${see}'`);
     }
     if (Date.now() >= deadline) {
       await progress?.end();

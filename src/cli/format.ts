@@ -132,12 +132,6 @@ function clock(ms: number): string {
   return Number.isFinite(d.getTime()) ? d.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z') : String(ms);
 }
 
-/** One progress line for `machine run`: "  pull      pulling   layer=sha256:… bytes=1.2 MB". */
-export function eventLine(e: MachineEventResponse, style: Style): string {
-  const detail = eventDetail(e);
-  return `  ${paint(style, 'cyan', e.type.padEnd(8))} ${e.status}${detail ? ` ${paint(style, 'dim', detail)}` : ''}`;
-}
-
 export function eventsTable(events: readonly MachineEventResponse[], style: Style): string {
   return table(
     ['timestamp', 'type', 'status', 'source', 'detail'],
