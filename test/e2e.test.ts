@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { request } from 'undici';
 import { startRegistry, type TestRegistry } from './helpers/registry.ts';
 import { buildAndPushImage, httpImage } from './helpers/images.ts';
-import { startTestHost, machineNamespaces, mounts, type TestHost } from './helpers/host.ts';
+import { startTestHost, type TestHost } from './helpers/host.ts';
 import { waitFor } from './helpers/wait.ts';
 import type { MachineConfig } from '../src/client/index.ts';
 
@@ -30,10 +30,8 @@ describe('single host', () => {
     h = await startTestHost();
   });
   after(async () => {
-    await h?.close();
+    await h?.close(); // fails when any machine left a container, monitor, namespace, mount or cgroup behind
     await registry?.stop();
-    assert.deepEqual(await machineNamespaces(), [], 'no machine network namespace is left');
-    assert.doesNotMatch(await mounts(), /tarmac-host-/, 'no machine mount is left');
   });
 
   test('three machines from a registry image all serve through the proxy; stop and start', async () => {

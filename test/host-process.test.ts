@@ -1,46 +1,21 @@
 // `tarmac host` (what `npm start` runs) as a real process: first start, auth, Ctrl-C, restart, bad input.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm, stat, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { TarmacClient, ApiError } from '../src/client/index.ts';
+import { startHostProcess } from './helpers/host-process.ts';
 
 const bin = new URL('../bin/tarmac.mjs', import.meta.url).pathname;
-
-interface HostProcess { child: ChildProcess; apiUrl: string; stderr: () => string }
-
-/** Starts `tarmac host` on free ports and waits for its "running" banner. */
-async function startHostProcess(dataDir: string, env: Record<string, string> = {}): Promise<HostProcess> {
-  const child = spawn(process.execPath, [bin, 'host', '--data-dir', dataDir, '--api-listen', '127.0.0.1:0', '--proxy-listen', '127.0.0.1:0', '--no-install', '--log-level', 'warn'], {
-    env: { ...process.env, TARMAC_API_TOKEN: '', ...env }, stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let err = '';
-  child.stderr!.setEncoding('utf8');
-  const apiUrl = await new Promise<string>((resolve, reject) => {
-    child.stderr!.on('data', (d: string) => {
-      err += d;
-      const m = /Machines API\s+(http:\/\/\S+)\/v1/.exec(err);
-      if (m) resolve(m[1]!);
-    });
-    child.once('exit', (code) => reject(new Error(`host exited with ${code}: ${err}`)));
-  });
-  return { child, apiUrl, stderr: () => err };
-}
-
-async function stopWithCtrlC(h: HostProcess): Promise<number | null> {
-  h.child.kill('SIGINT');
-  const [code] = (await once(h.child, 'exit')) as [number | null];
-  return code;
-}
 
 test('tarmac host: first start makes the org and a 0600 admin token, Ctrl-C stops cleanly, a restart keeps the apps', async (t) => {
   const dataDir = await mkdtemp(join(tmpdir(), 'tarmac-proc-'));
   t.after(() => rm(dataDir, { recursive: true, force: true }));
-  const h = await startHostProcess(dataDir);
-  t.after(() => h.child.kill('SIGKILL'));
+  const h = await startHostProcess(dataDir, { logLevel: 'info' });
+  t.after(() => h.kill());
   const tokenFile = join(dataDir, 'admin-token');
   assert.equal((await stat(tokenFile)).mode & 0o777, 0o600);
   const token = (await readFile(tokenFile, 'utf8')).trim();
@@ -49,23 +24,23 @@ test('tarmac host: first start makes the org and a 0600 admin token, Ctrl-C stop
   const bad = new TarmacClient({ baseUrl: h.apiUrl, token: 'nope' });
   await assert.rejects(bad.listApps(), (e: unknown) => e instanceof ApiError && e.status === 401);
   assert.doesNotMatch(h.stderr(), new RegExp(token), 'the token is never printed');
-  assert.equal(await stopWithCtrlC(h), 0);
+  assert.equal(await h.stop(), 0);
 
   const again = await startHostProcess(dataDir);
-  t.after(() => again.child.kill('SIGKILL'));
+  t.after(() => again.kill());
   const apps = await new TarmacClient({ baseUrl: again.apiUrl, token }).listApps('personal');
   assert.deepEqual(apps.apps.map((a) => a.name), ['kept']);
-  assert.equal(await stopWithCtrlC(again), 0);
+  assert.equal(await again.stop(), 0);
 });
 
 test('tarmac host: TARMAC_API_TOKEN is the admin token when set', async (t) => {
   const dataDir = await mkdtemp(join(tmpdir(), 'tarmac-proc-'));
   t.after(() => rm(dataDir, { recursive: true, force: true }));
-  const h = await startHostProcess(dataDir, { TARMAC_API_TOKEN: 'tm_from_env_0123456789' });
-  t.after(() => h.child.kill('SIGKILL'));
+  const h = await startHostProcess(dataDir, { env: { TARMAC_API_TOKEN: 'tm_from_env_0123456789' } });
+  t.after(() => h.kill());
   const res = await new TarmacClient({ baseUrl: h.apiUrl, token: 'tm_from_env_0123456789' }).listApps();
   assert.equal(res.total_apps, 0);
-  assert.equal(await stopWithCtrlC(h), 0);
+  assert.equal(await h.stop(), 0);
 });
 
 test('tarmac host: bad flags and config values give one line and a non-zero exit', async () => {

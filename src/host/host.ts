@@ -1,6 +1,7 @@
 // Wires a host: catalog, orchestrator (drivers, images), Machines API and proxy, by the host's roles.
 import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
+import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { openSqliteCatalog, type Catalog, type Host } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
@@ -126,11 +127,23 @@ async function registerHost(catalog: Catalog, id: string, config: HostConfig): P
   const existing = catalog.getHost(id);
   const host: Host = {
     id, region: config.region, roles: [...config.roles],
-    host_number: existing?.host_number ?? catalog.listHosts().length + 1,
+    host_number: existing?.host_number ?? newHostNumber(catalog),
     cpus: config.capacity.cpus || cpus().length,
     memory_mb: config.capacity.memory_mb || Math.floor(totalmem() / 2 ** 20),
     address: config.api.host, updated_at: new Date().toISOString(),
   };
   await catalog.putHost(host);
   return host;
+}
+
+/**
+ * A host number not used in this fleet. Random rather than sequential, so that separate fleets on one Linux
+ * machine (two single-host data dirs, parallel test hosts) give their machines distinct private addresses.
+ */
+function newHostNumber(catalog: Catalog): number {
+  const taken = new Set(catalog.listHosts().map((h) => h.host_number));
+  for (;;) {
+    const n = randomInt(1, 0x7fffffff);
+    if (!taken.has(n)) return n;
+  }
 }

@@ -57,7 +57,14 @@ export async function startHostProcess(dataDir: string, opts: { env?: Record<str
       reject(new Error(`host exited before it was ready: ${err}`));
     });
   });
-  const token = (await readFile(join(dataDir, 'admin-token'), 'utf8')).trim();
+  let token = opts.env?.['TARMAC_API_TOKEN'] ?? '';
+  if (!token) {
+    token = await readFile(join(dataDir, 'admin-token'), 'utf8').then((s) => s.trim(), async (e: unknown) => {
+      child.kill('SIGKILL'); // never leave a host running behind a failed start
+      await exit;
+      throw e;
+    });
+  }
   return {
     child,
     apiUrl,

@@ -1,10 +1,11 @@
 // Starts a whole Tarmac host in a temp data dir on free ports, and tears it and its machines down.
-import { mkdtemp, rm, readFile } from 'node:fs/promises';
+import { mkdtemp, readFile } from 'node:fs/promises';
+import { listMachineNetworks } from '../../src/orchestrator/index.ts';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startHost, parseHostConfig, type RunningHost, type HostConfigInput } from '../../src/host/index.ts';
 import { TarmacClient } from '../../src/client/index.ts';
-import { listMachineNetworks } from '../../src/orchestrator/index.ts';
+import { machineDebris, removeDebris } from './host-process.ts';
 import { silentLogger } from '../../src/shared/log.ts';
 
 export interface TestHost {
@@ -16,7 +17,7 @@ export interface TestHost {
   stopHostOnly(): Promise<void>;
   /** Starts a new host on the same data dir (after stopHostOnly). */
   restart(): Promise<void>;
-  /** Destroys every machine, closes the host, removes the data dir. */
+  /** Destroys every machine, closes the host, removes the data dir; fails if a machine left anything behind. */
   close(): Promise<void>;
 }
 
@@ -42,11 +43,14 @@ export async function startTestHost(opts: { config?: HostConfigInput; dataDir?: 
       wire();
     },
     async close() {
+      const ids = t.host.catalog.listMachines({ include_deleted: true }).map((m) => m.spec.id);
       try {
         await destroyAll(t);
       } finally {
         await t.host.close();
-        await rm(dataDir, { recursive: true, force: true });
+        const debris = await machineDebris(dataDir, ids);
+        await removeDebris(dataDir, ids);
+        if (debris.length > 0) throw new Error(`machines left debris: ${debris.join(', ')}`);
       }
     },
   };
@@ -67,7 +71,8 @@ async function destroyAll(t: TestHost): Promise<void> {
   if (left.length > 0) throw new Error(`machines left after cleanup: ${left.map((m) => m.spec.id).join(', ')}`);
 }
 
-/** Network namespaces of machines that exist on this machine (for leak checks). */
+
+/** Network namespaces of machines that exist on this machine (any host's: prefer machineDebris for one host's own). */
 export async function machineNamespaces(): Promise<string[]> {
   return listMachineNetworks();
 }
