@@ -64,6 +64,7 @@ export const serviceSchema = z.strictObject({
   min_machines_running: z.number().int().min(0).optional(),
   checks: z.array(checkSchema).optional(),
   force_instance_key: kept.optional(),
+  force_instance_description: kept.optional(),
 });
 
 export const guestSchema = z.strictObject({
@@ -75,6 +76,7 @@ export const guestSchema = z.strictObject({
   host_dedication_id: kept.optional(),
   kernel_args: kept.optional(),
   persist_rootfs: kept.optional(),
+  max_memory_mb: kept.optional(),
 });
 
 export const initSchema = z.strictObject({
@@ -124,6 +126,8 @@ export const machineConfigSchema = z.strictObject({
   volumes: kept.optional(),
   disable_machine_autostart: kept.optional(),
   rootfs: kept.optional(),
+  cache_drive: kept.optional(),
+  spot: kept.optional(),
 });
 
 export type MachineConfig = z.infer<typeof machineConfigSchema>;

@@ -172,7 +172,7 @@ export function appDetails(a: AppResponse, style: Style, now = Date.now()): stri
     ['Organization', a.organization?.slug ?? ''],
     ['Status', a.status ?? ''],
     ['Network', a.network ?? ''],
-    ['Created', `${a.created_at} (${ago(a.created_at, now)})`],
+    ['Created', `${new Date(a.created_at).toISOString()} (${ago(a.created_at, now)})`],
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
   return rows.map(([k, v]) => `${paint(style, 'bold', k.padEnd(width))}  ${v}`).join('\n') + '\n';
