@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { openSqliteCatalog, type Catalog, type Host } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
 import { startProxy, type RunningProxy } from '../proxy/index.ts';
-import { Orchestrator, ImageStore, createDriver, readLogs, type Driver } from '../orchestrator/index.ts';
+import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, type Driver } from '../orchestrator/index.ts';
 import { hashToken, newToken } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
 import type { HostConfig } from './config.ts';
@@ -32,6 +32,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
   if (isWorker) {
     const runtimes = [config.runtime.default === 'runc' ? config.runtime.oci_binary : config.runtime.default];
     await ensureSystemPackages(runtimes, { install: config.install_packages, log });
+    await ensureHostFirewall(); // machines reach neither the host nor each other, from before the first one starts
   }
 
   const catalog = openSqliteCatalog(join(dataDir, 'catalog.sqlite'));

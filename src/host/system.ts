@@ -16,6 +16,7 @@ export function requiredPackages(runtimes: string[]): Array<{ binary: string; pk
     { binary: 'tini-static', pkg: 'tini' },
     { binary: 'ip', pkg: 'iproute2' },
     { binary: 'nsenter', pkg: 'util-linux' },
+    { binary: 'nft', pkg: 'nftables' },
   ];
   for (const r of new Set(runtimes)) need.push({ binary: r, pkg: r === 'runsc' ? 'runsc' : r === 'crun' ? 'crun' : 'runc' });
   return need;

@@ -1,4 +1,4 @@
-// Machine networking: one named network namespace per machine, a veth pair, and its private IPv6 /128 routed from the host.
+// Machine networking: one named network namespace per machine, a veth pair, its private IPv6 /128 routed from the host, and the host firewall that confines machines.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { access, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -46,6 +46,85 @@ function ipBatch(args: string[], lines: string[], force = false): Promise<string
   });
 }
 
+/** The nftables table (inet: IPv4 and IPv6) that confines machines; one per host, shared by every machine. */
+export const FIREWALL_TABLE = 'tarmac';
+
+/**
+ * The host firewall as one `nft -f` script that replaces the table atomically (so it is idempotent). It matches only
+ * machine interfaces (`tmv*`), so it holds no per-machine state and is harmless on a host with no machine:
+ * - prerouting: machines speak IPv6 only, so IPv4 from them is dropped; a source address the host would not route
+ *   back through the interface it came in on (reverse-path check) is spoofed and dropped before conntrack sees it;
+ * - input: a machine reaches the host itself only with replies to connections the host opened (the proxy's), and
+ *   neighbour discovery; anything else it sends to any host address (fe80::1, global addresses, any port) is refused
+ *   (TCP with a reset, the rest with an ICMP error, so the machine's connect fails at once instead of timing out);
+ * - forward: machines never reach each other through the host (private networking between machines of one
+ *   organization is a later, explicit rule), even on a host that forwards IPv6.
+ */
+export function firewallRuleset(): string {
+  const machines = 'iifname "tmv*"';
+  return [
+    `table inet ${FIREWALL_TABLE}`,
+    `delete table inet ${FIREWALL_TABLE}`,
+    `table inet ${FIREWALL_TABLE} {`,
+    '  chain prerouting {',
+    '    type filter hook prerouting priority raw; policy accept;',
+    `    ${machines} meta nfproto ipv4 drop`,
+    `    ${machines} fib saddr . iif oif missing drop`,
+    '  }',
+    '  chain input {',
+    '    type filter hook input priority filter; policy accept;',
+    `    ${machines} ct state established,related accept`,
+    `    ${machines} icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept`,
+    `    ${machines} meta l4proto ipv6-icmp drop`,
+    // A reset fails a connect at once (an ICMP error only after a SYN retransmit, about a second).
+    `    ${machines} meta l4proto tcp reject with tcp reset`,
+    `    ${machines} reject with icmpx admin-prohibited`,
+    '  }',
+    '  chain forward {',
+    '    type filter hook forward priority filter; policy accept;',
+    `    ${machines} oifname "tmv*" meta l4proto tcp reject with tcp reset`,
+    `    ${machines} oifname "tmv*" reject with icmpx admin-prohibited`,
+    '  }',
+    '}',
+    '',
+  ].join('\n');
+}
+
+/** Runs `nft -f -` with `script` on stdin (in network namespace `netns` when given). */
+export function nftApply(script: string, opts: { netns?: string } = {}): Promise<void> {
+  const [cmd, args] = opts.netns ? ['nsenter', [`--net=${opts.netns}`, 'nft', '-f', '-']] : ['nft', ['-f', '-']];
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['pipe', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', (e: NodeJS.ErrnoException) => {
+      reject(e.code === 'ENOENT'
+        ? new TarmacError('failed_precondition', 'nft is not installed: apt-get install nftables (Tarmac needs it to keep machines from reaching the host and each other)', { cause: e })
+        : e);
+    });
+    child.on('close', (code) => {
+      if (code === 0) resolve();
+      else reject(new Error(`nft -f failed (${code}): ${stderr.trim()}`));
+    });
+    child.stdin.end(script);
+  });
+}
+
+let firewall: Promise<void> | undefined;
+
+/**
+ * Installs the host firewall (firewallRuleset) once per process: the first machine network set up in this process
+ * waits for it, later ones find it done. The table outlives the process, like the machines it confines.
+ */
+export function ensureHostFirewall(): Promise<void> {
+  firewall ??= nftApply(firewallRuleset()).catch((e: unknown) => {
+    firewall = undefined;
+    if (e instanceof TarmacError) throw e;
+    throw new TarmacError('internal', `could not install the host firewall (nftables table inet ${FIREWALL_TABLE}): ${(e as Error).message}`, { cause: e });
+  });
+  return firewall;
+}
+
 async function exists(path: string): Promise<boolean> {
   return access(path).then(
     () => true,
@@ -59,13 +138,16 @@ async function linkExists(name: string): Promise<boolean> {
 
 /**
  * Creates (or reuses) machine `id`'s namespace with `address`/128 on its eth0, a default route via the host side
- * (fe80::1), and a host route to `address` through the host side of the veth pair. Two `ip` processes in all.
+ * (fe80::1), and a host route to `address` through the host side of the veth pair. Two `ip` processes in all (and,
+ * once per process, one `nft` for the host firewall).
  */
 export async function setupMachineNetwork(id: string, address: string, opts: { log?: Logger } = {}): Promise<MachineNetwork> {
   const ns = netnsName(id);
   const hostIf = hostIfName(id);
   const netnsPath = `${NETNS_DIR}/${ns}`;
   if (!/^[0-9a-fA-F:]+$/.test(address)) throw new TarmacError('invalid_argument', `machine address ${JSON.stringify(address)} is not an IPv6 address`);
+  // Machines never run unconfined: the firewall is in place before setup returns (in parallel with it the first time).
+  const fw = ensureHostFirewall();
   const haveNs = await exists(netnsPath);
   const haveIf = await linkExists(hostIf);
   if (haveNs && !haveIf) {
@@ -76,6 +158,7 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
   const ready = `${READY_DIR}/${ns}`;
   if (reuse && (await readFile(ready, 'utf8').catch(() => '')) === address) {
     // Set up before (a stopped machine starting again): nothing to do, no process to spawn.
+    await fw;
     return { netnsPath, hostIf, address };
   }
   try {
@@ -86,7 +169,7 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
       `link set ${hostIf} up`,
       `addr add ${GATEWAY}/64 dev ${hostIf} nodad`,
     ];
-    await ipBatch([], [...(reuse ? [] : create), `route replace ${address}/128 dev ${hostIf}`]);
+    await Promise.all([fw, ipBatch([], [...(reuse ? [] : create), `route replace ${address}/128 dev ${hostIf}`])]);
     await ipBatch(['-n', ns], [
       'link set lo up',
       'link set eth0 up',
@@ -95,6 +178,7 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
     ]);
   } catch (e) {
     if (!reuse) await teardownMachineNetwork(id).catch(() => {});
+    if (e instanceof TarmacError) throw e;
     throw new TarmacError('internal', `could not set up the network of machine ${id}: ${(e as Error).message}`, { cause: e });
   }
   await mkdir(READY_DIR, { recursive: true });

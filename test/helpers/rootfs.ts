@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 
 /** Applets the test images use; busybox provides each as a symlink. */
-const applets = ['sh', 'ls', 'cat', 'echo', 'sleep', 'httpd', 'hostname', 'env', 'nc', 'ip', 'ifconfig', 'ping', 'wget', 'kill', 'id', 'head', 'dd', 'yes', 'true', 'false', 'mkdir', 'rm', 'ps', 'grep', 'tail', 'seq', 'date', 'trap'];
+const applets = ['sh', 'ls', 'cat', 'echo', 'sleep', 'httpd', 'hostname', 'env', 'nc', 'ip', 'ifconfig', 'ping', 'wget', 'kill', 'id', 'head', 'dd', 'yes', 'true', 'false', 'mkdir', 'rm', 'ps', 'grep', 'tail', 'seq', 'date', 'trap', 'dmesg'];
 
 /** Writes a busybox rootfs into `dir` (created); returns `dir`. `files` adds extra files (path → content, executable when under bin/ or cgi-bin/). */
 export async function makeBusyboxRootfs(dir: string, files: Record<string, string> = {}): Promise<string> {
