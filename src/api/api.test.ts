@@ -481,8 +481,7 @@ test('closing the API ends pending waits instead of hanging', async (t) => {
   const waiting = env.admin.waitMachine('web', m.id, { timeout: 300 }).then(() => 'answered', () => 'failed');
   // Another request on its own connection, so the wait has most likely reached the server.
   await env.admin.getMachine('web', m.id);
-  const t0 = Date.now();
+  // Were pending waits kept open, close() would hang for the wait's 300 s and the test would time out.
   await env.api.close();
   assert.equal(await waiting, 'failed');
-  assert.ok(Date.now() - t0 < 5000);
 });
