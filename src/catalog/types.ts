@@ -188,10 +188,24 @@ export interface CatalogWriter {
   putLease(lease: Lease, expectNonce: string | undefined): Promise<void>;
   deleteLease(machine_id: string, nonce: string): Promise<void>;
   putHost(host: Host): Promise<void>;
+  /**
+   * Registers a running host: puts its row and keeps it alive. With etcd the row lives under an etcd lease of
+   * `ttlSeconds` renewed in the background, so a host that dies disappears (a 'host' delete change) when the lease
+   * expires; `close()` revokes it at once. The embedded backend (one host) just puts the row and keeps it.
+   */
+  registerHost(host: Host, ttlSeconds: number): Promise<HostRegistration>;
   /** Next free machine number on a host, for private addresses; never reused. */
   allocateMachineNumber(host_id: string): Promise<number>;
   /** Next free network number for a new org. */
   allocateNetworkNumber(): Promise<number>;
+}
+
+/** Handle a host keeps while it runs (see `registerHost`). */
+export interface HostRegistration {
+  /** Replaces the registered row (capacity or roles changed), keeping it under the same lease. */
+  update(host: Host): Promise<void>;
+  /** Stops renewing and removes the registration (graceful shutdown). */
+  close(): Promise<void>;
 }
 
 export interface Catalog extends CatalogReader, CatalogWriter {

@@ -1,0 +1,471 @@
+// The etcd catalog: fleet state in an etcd cluster, read from a host-local SQLite mirror, written by compare-and-swap.
+import { ConsecutiveBreaker, circuitBreaker, handleWhen, retry } from 'cockatiel';
+import { Etcd3, isRecoverableError, type ICompare, type IRequestOp, type ITxnResponse, type Lease as EtcdLease } from 'etcd3';
+import type { Logger } from '../shared/log.ts';
+import { TarmacError, errorMessage } from '../shared/errors.ts';
+import { catalogKeys, prefixEnd, type CatalogKeys } from './keys.ts';
+import { openMirror, type Mirror } from './mirror.ts';
+import { hostSchema, leaseSchema, machineSpecSchema } from './schemas.ts';
+import type {
+  ApiToken, App, Catalog, ChangeBatch, Host, HostRegistration, Lease, Machine, MachineEvent, MachineFilter,
+  MachineSpec, MachineStatus, Org,
+} from './types.ts';
+
+export interface EtcdCatalogOptions {
+  /** Client URLs or host:port of the etcd members. */
+  endpoints: string[];
+  /** Key prefix of this fleet's catalog. Default '/tarmac/'. */
+  prefix?: string;
+  /** The host-local SQLite copy. */
+  mirrorPath: string;
+  log: Logger;
+  /** Deadline of one etcd call; writes fail with 'unavailable' past it. Default 3000 ms. */
+  callTimeoutMs?: number;
+  /** How long a committed write waits for the local copy to apply it. Default 10000 ms. */
+  catchUpTimeoutMs?: number;
+  /** Watch liveness check interval. Default 1000 ms. */
+  heartbeatMs?: number;
+  /** Keys per page when loading the whole catalog. Default 2000. */
+  pageSize?: number;
+}
+
+/** The etcd backend's extras beyond the Catalog contract: the mirror's progress and freshness. */
+export interface EtcdCatalog extends Catalog {
+  /** Revision the local copy has applied (same as `revision()`). */
+  appliedRevision(): number;
+  waitForRevision(revision: number, timeoutMs?: number): Promise<void>;
+  /** Milliseconds since the local copy last heard from etcd: what an API puts in a staleness header. */
+  staleness(): number;
+  /** Reloads the local copy from etcd now (normally done by itself after compaction). */
+  resync(): Promise<void>;
+}
+
+/** Opens the etcd catalog; an empty mirror is loaded first, an existing one serves reads at once and catches up. */
+export async function openEtcdCatalog(opts: EtcdCatalogOptions): Promise<EtcdCatalog> {
+  const prefix = opts.prefix ?? '/tarmac/';
+  if (!prefix.endsWith('/')) throw new TarmacError('invalid_argument', `the etcd catalog prefix must end in "/" (got "${prefix}")`);
+  const callTimeoutMs = opts.callTimeoutMs ?? 3_000;
+  const client = new Etcd3({
+    hosts: opts.endpoints.map((e) => (e.includes('://') ? e : `http://${e}`)),
+    grpcOptions: {
+      'grpc.max_receive_message_length': 256 * 1024 * 1024,
+      'grpc.initial_reconnect_backoff_ms': 100,
+      'grpc.max_reconnect_backoff_ms': 1_000,
+    },
+    defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
+    faultHandling: {
+      host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: 1_000, breaker: new ConsecutiveBreaker(3) }),
+      global: retry(handleWhen(isRecoverableError), { maxAttempts: 2 }),
+    },
+  });
+  let mirror: Mirror;
+  try {
+    mirror = await openMirror({
+      client, prefix, path: opts.mirrorPath, log: opts.log,
+      ...(opts.heartbeatMs !== undefined ? { heartbeatMs: opts.heartbeatMs } : {}),
+      ...(opts.pageSize !== undefined ? { pageSize: opts.pageSize } : {}),
+    });
+  } catch (e) {
+    client.close();
+    throw e;
+  }
+  return new EtcdBackend(client, mirror, catalogKeys(prefix), opts.log, opts.catchUpTimeoutMs ?? 10_000);
+}
+
+const b = (s: string) => Buffer.from(s);
+const json = (v: unknown) => Buffer.from(JSON.stringify(v));
+const put = (key: string, value: Buffer | string, lease?: string): IRequestOp =>
+  ({ request_put: { key: b(key), value: typeof value === 'string' ? b(value) : value, ...(lease ? { lease } : {}) } });
+const del = (key: string): IRequestOp => ({ request_delete_range: { key: b(key) } });
+const delPrefix = (prefix: string): IRequestOp => ({ request_delete_range: { key: b(prefix), range_end: prefixEnd(prefix) } });
+const get = (key: string): IRequestOp => ({ request_range: { key: b(key) } });
+const getPrefix = (prefix: string): IRequestOp => ({ request_range: { key: b(prefix), range_end: prefixEnd(prefix), keys_only: true } });
+/** The key exists. */
+const exists = (key: string): ICompare => ({ key: b(key), target: 'Version', result: 'Greater', version: 0 });
+/** The key was last modified at `rev` (0: it does not exist). */
+const modIs = (key: string, rev: string | number): ICompare => ({ key: b(key), target: 'Mod', result: 'Equal', mod_revision: rev });
+/** Nothing under `prefix` was created or changed after revision `rev`. */
+const rangeUnchangedSince = (prefix: string, rev: string): ICompare =>
+  ({ key: b(prefix), range_end: prefixEnd(prefix), target: 'Mod', result: 'Less', mod_revision: String(BigInt(rev) + 1n) });
+
+/** Ops per transaction, under etcd's default --max-txn-ops of 128. */
+const maxOps = 120;
+const casAttempts = 20;
+
+class EtcdBackend implements EtcdCatalog {
+  readonly #client: Etcd3;
+  readonly #mirror: Mirror;
+  readonly #k: CatalogKeys;
+  readonly #log: Logger;
+  readonly #catchUpMs: number;
+  readonly #registrations = new Set<HostRegistration>();
+  #closed = false;
+
+  constructor(client: Etcd3, mirror: Mirror, keys: CatalogKeys, log: Logger, catchUpMs: number) {
+    this.#client = client;
+    this.#mirror = mirror;
+    this.#k = keys;
+    this.#log = log;
+    this.#catchUpMs = catchUpMs;
+  }
+
+  // ---- reads: the local copy ----
+
+  revision(): number { return this.#mirror.appliedRevision(); }
+  appliedRevision(): number { return this.#mirror.appliedRevision(); }
+  waitForRevision(revision: number, timeoutMs = this.#catchUpMs): Promise<void> { return this.#mirror.waitForRevision(revision, timeoutMs); }
+  staleness(): number { return this.#mirror.staleness(); }
+  resync(): Promise<void> { return this.#mirror.resync(); }
+  getOrg(slug: string): Org | undefined { return this.#mirror.store.getOrg(slug); }
+  listOrgs(): Org[] { return this.#mirror.store.listOrgs(); }
+  findToken(hash: string): ApiToken | undefined { return this.#mirror.store.findToken(hash); }
+  getApp(name: string): App | undefined { return this.#mirror.store.getApp(name); }
+  listApps(org_slug?: string): App[] { return this.#mirror.store.listApps(org_slug); }
+  getMachine(id: string): Machine | undefined { return this.#mirror.store.getMachine(id); }
+  listMachines(filter?: MachineFilter): Machine[] { return this.#mirror.store.listMachines(filter); }
+  listEvents(machine_id: string, limit?: number): MachineEvent[] { return this.#mirror.store.listEvents(machine_id, limit); }
+  getLease(machine_id: string): Lease | undefined { return this.#mirror.store.getLease(machine_id); }
+  getHost(id: string): Host | undefined { return this.#mirror.store.getHost(id); }
+  listHosts(): Host[] { return this.#mirror.store.listHosts(); }
+  subscribe(fn: (batch: ChangeBatch) => void): () => void { return this.#mirror.subscribe(fn); }
+
+  // ---- etcd calls ----
+
+  /** One etcd transaction; unreachable etcd becomes 'unavailable'. */
+  async #txn(compare: ICompare[], success: IRequestOp[], failure: IRequestOp[] = []): Promise<ITxnResponse> {
+    if (this.#closed) throw new TarmacError('unavailable', 'the catalog is closed');
+    try {
+      return await this.#client.kv.txn({ compare, success, failure });
+    } catch (e) {
+      throw this.#unavailable(e);
+    }
+  }
+
+  #unavailable(e: unknown): TarmacError {
+    if (e instanceof TarmacError) return e;
+    const stale = this.#mirror.staleness();
+    return new TarmacError('unavailable',
+      `the catalog (etcd) is unreachable (${errorMessage(e)}); reads are served from this host's copy` +
+      `${Number.isFinite(stale) ? `, last in touch ${Math.round(stale / 1000)} s ago` : ''}; retry when etcd is back`, { cause: e });
+  }
+
+  /** Waits until the local copy has applied a committed transaction that changed something (read-your-writes). */
+  async #settle(res: ITxnResponse): Promise<void> {
+    const changed = res.responses.some((r) => r.response_put || (r.response_delete_range && r.response_delete_range.deleted !== '0'));
+    if (changed) await this.#mirror.waitForRevision(Number(res.header.revision), this.#catchUpMs);
+  }
+
+  async #write(ops: IRequestOp[], compare: ICompare[] = []): Promise<ITxnResponse> {
+    const res = await this.#txn(compare, ops);
+    if (res.succeeded) await this.#settle(res);
+    return res;
+  }
+
+  /** Keys of a range response (index keys). */
+  static #rangeOf(res: ITxnResponse, i: number) {
+    return res.responses[i]?.response_range?.kvs ?? [];
+  }
+
+  // ---- writes ----
+
+  async putOrg(org: Org): Promise<void> {
+    await this.#write([put(this.#k.org(org.slug), json(org))]);
+  }
+  async putToken(token: ApiToken): Promise<void> {
+    await this.#write([put(this.#k.token(token.hash), json(token))]);
+  }
+
+  async createApp(app: App): Promise<void> {
+    const k = this.#k;
+    const res = await this.#txn(
+      [modIs(k.app(app.name), 0), exists(k.org(app.org_slug))],
+      [put(k.app(app.name), json(app))],
+      [get(k.app(app.name))],
+    );
+    if (!res.succeeded) {
+      if (EtcdBackend.#rangeOf(res, 0).length > 0) throw new TarmacError('name_taken', `app name "${app.name}" is already taken`);
+      throw new TarmacError('not_found', `organization "${app.org_slug}" not found`);
+    }
+    await this.#settle(res);
+  }
+
+  async deleteApp(name: string): Promise<void> {
+    const k = this.#k;
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const read = await this.#txn([], [get(k.app(name)), getPrefix(k.appMachines(name))]);
+      const appKv = EtcdBackend.#rangeOf(read, 0)[0];
+      if (!appKv) throw new TarmacError('app_not_found', `app "${name}" not found`);
+      const ids = EtcdBackend.#rangeOf(read, 1).map((kv) => decodeURIComponent(kv.key.toString().slice(k.appMachines(name).length)));
+      const compare = [modIs(k.app(name), appKv.mod_revision), rangeUnchangedSince(k.appMachines(name), read.header.revision)];
+      // An app with many machines goes in steps of whole machines; the app row goes last, with the indexes.
+      const ops: IRequestOp[] = [];
+      let i = 0;
+      for (; i < ids.length && ops.length + 5 <= maxOps - 3; i++) ops.push(...this.#deleteMachineOps(ids[i]!), del(k.appMachine(name, ids[i]!)));
+      const final = i === ids.length;
+      if (final) ops.push(delPrefix(k.names(name)), delPrefix(k.appMachines(name)), del(k.app(name)));
+      const res = await this.#txn(compare, ops);
+      if (!res.succeeded) continue; // a machine was added or the app changed meanwhile: look again
+      await this.#settle(res);
+      if (final) return;
+      attempt = -1;
+    }
+    throw new TarmacError('conflict', `app "${name}" kept changing while being deleted; retry`);
+  }
+
+  #deleteMachineOps(id: string): IRequestOp[] {
+    const k = this.#k;
+    return [del(k.lease(id)), del(k.status(id)), del(k.spec(id)), delPrefix(k.events(id))];
+  }
+
+  async createMachine(spec: MachineSpec, events: MachineEvent[]): Promise<void> {
+    const k = this.#k;
+    const live = spec.desired !== 'destroyed';
+    const compare = [exists(k.app(spec.app)), modIs(k.spec(spec.id), 0), ...(live ? [modIs(k.name(spec.app, spec.name), 0)] : [])];
+    const ops = [
+      put(k.spec(spec.id), json(spec)), put(k.appMachine(spec.app, spec.id), ''),
+      ...(live ? [put(k.name(spec.app, spec.name), spec.id)] : []),
+      ...this.#eventOps(events),
+    ];
+    const res = await this.#txn(compare, ops, [get(k.app(spec.app)), get(k.spec(spec.id))]);
+    if (!res.succeeded) {
+      if (EtcdBackend.#rangeOf(res, 0).length === 0) throw new TarmacError('app_not_found', `app "${spec.app}" not found`);
+      if (EtcdBackend.#rangeOf(res, 1).length > 0) throw new TarmacError('conflict', `machine id ${spec.id} exists`);
+      throw new TarmacError('name_taken', `machine name "${spec.name}" is already used in app "${spec.app}"`);
+    }
+    await this.#settle(res);
+  }
+
+  async updateMachineSpec(spec: MachineSpec, expectVersion: number, events: MachineEvent[] = []): Promise<void> {
+    const k = this.#k;
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const read = await this.#txn([], [get(k.spec(spec.id))]);
+      const kv = EtcdBackend.#rangeOf(read, 0)[0];
+      if (!kv) throw new TarmacError('machine_not_found', `machine ${spec.id} not found`);
+      const current = this.#parseStored(machineSpecSchema, kv.value, k.spec(spec.id)) as MachineSpec;
+      if (current.version !== expectVersion) {
+        throw new TarmacError('conflict', `machine ${spec.id} changed concurrently (version ${current.version}, expected ${expectVersion}); retry`);
+      }
+      const oldName = current.desired !== 'destroyed' ? k.name(current.app, current.name) : undefined;
+      const newName = spec.desired !== 'destroyed' ? k.name(spec.app, spec.name) : undefined;
+      const compare = [modIs(k.spec(spec.id), kv.mod_revision)];
+      const ops = [put(k.spec(spec.id), json(spec))];
+      if (oldName !== newName) {
+        if (oldName) ops.push(del(oldName));
+        if (newName) {
+          compare.push(modIs(newName, 0));
+          ops.push(put(newName, spec.id));
+        }
+      }
+      ops.push(...this.#eventOps(events));
+      const res = await this.#txn(compare, ops, [get(k.spec(spec.id))]);
+      if (res.succeeded) {
+        await this.#settle(res);
+        return;
+      }
+      const now = EtcdBackend.#rangeOf(res, 0)[0];
+      if (now && now.mod_revision === kv.mod_revision) {
+        throw new TarmacError('name_taken', `machine name "${spec.name}" is already used in app "${spec.app}"`);
+      }
+    }
+    throw new TarmacError('conflict', `machine ${spec.id} kept changing; retry`);
+  }
+
+  async putMachineStatus(status: MachineStatus, events: MachineEvent[] = []): Promise<void> {
+    // The machine was removed meanwhile: nothing to record (the compare fails, nothing is written).
+    await this.#write([put(this.#k.status(status.id), json(status)), ...this.#eventOps(events)], [exists(this.#k.spec(status.id))]);
+  }
+
+  async deleteMachine(id: string): Promise<void> {
+    const k = this.#k;
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const read = await this.#txn([], [get(k.spec(id))]);
+      const kv = EtcdBackend.#rangeOf(read, 0)[0];
+      const ops = this.#deleteMachineOps(id);
+      const compare = [modIs(k.spec(id), kv?.mod_revision ?? 0)];
+      if (kv) {
+        const spec = this.#parseStored(machineSpecSchema, kv.value, k.spec(id)) as MachineSpec;
+        ops.push(del(k.appMachine(spec.app, id)));
+        // Release the name if the index points at this machine (a destroyed spec already released it).
+        const nameKey = k.name(spec.app, spec.name);
+        const nameKv = EtcdBackend.#rangeOf(await this.#txn([], [get(nameKey)]), 0)[0];
+        compare.push(modIs(nameKey, nameKv?.mod_revision ?? 0));
+        if (nameKv?.value.toString() === id) ops.push(del(nameKey));
+      }
+      const res = await this.#txn(compare, ops);
+      if (res.succeeded) return this.#settle(res);
+    }
+    throw new TarmacError('conflict', `machine ${id} kept changing while being deleted; retry`);
+  }
+
+  async appendEvents(events: MachineEvent[]): Promise<void> {
+    const fresh = events.filter((e) => !this.#mirror.store.hasEvent(e.id));
+    for (let i = 0; i < fresh.length; i += maxOps) await this.#write(this.#eventOps(fresh.slice(i, i + maxOps)));
+  }
+
+  /** Events are put as they are; a repeated id rewrites the same value, and the mirror keeps the first. */
+  #eventOps(events: MachineEvent[]): IRequestOp[] {
+    return events.map((e) => put(this.#k.event(e.machine_id, e.id), json(e)));
+  }
+
+  async putLease(lease: Lease, expectNonce: string | undefined): Promise<void> {
+    const k = this.#k;
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const read = await this.#txn([], [get(k.spec(lease.machine_id)), get(k.lease(lease.machine_id))]);
+      if (EtcdBackend.#rangeOf(read, 0).length === 0) throw new TarmacError('machine_not_found', `machine ${lease.machine_id} not found`);
+      const kv = EtcdBackend.#rangeOf(read, 1)[0];
+      const current = kv ? (this.#parseStored(leaseSchema, kv.value, k.lease(lease.machine_id)) as Lease) : undefined;
+      const live = current && current.expires_at > Date.now() / 1000 ? current : undefined;
+      if (live?.nonce !== expectNonce) {
+        throw new TarmacError('lease_held', `machine ${lease.machine_id} is leased by someone else${live ? ` until ${new Date(live.expires_at * 1000).toISOString()}` : ''}`);
+      }
+      const res = await this.#txn([exists(k.spec(lease.machine_id)), modIs(k.lease(lease.machine_id), kv?.mod_revision ?? 0)], [put(k.lease(lease.machine_id), json(lease))]);
+      if (res.succeeded) return this.#settle(res);
+    }
+    throw new TarmacError('conflict', `the lease on machine ${lease.machine_id} kept changing; retry`);
+  }
+
+  async deleteLease(machine_id: string, nonce: string): Promise<void> {
+    const k = this.#k;
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const read = await this.#txn([], [get(k.lease(machine_id))]);
+      const kv = EtcdBackend.#rangeOf(read, 0)[0];
+      if (!kv) throw new TarmacError('not_found', `machine ${machine_id} has no lease`);
+      const current = this.#parseStored(leaseSchema, kv.value, k.lease(machine_id)) as Lease;
+      if (current.nonce !== nonce) throw new TarmacError('lease_held', `lease nonce does not match the lease on machine ${machine_id}`);
+      const res = await this.#txn([modIs(k.lease(machine_id), kv.mod_revision)], [del(k.lease(machine_id))]);
+      if (res.succeeded) return this.#settle(res);
+    }
+    throw new TarmacError('conflict', `the lease on machine ${machine_id} kept changing; retry`);
+  }
+
+  async putHost(host: Host): Promise<void> {
+    await this.#write([put(this.#k.host(host.id), json(hostSchema.parse(host)))]);
+  }
+
+  async registerHost(host: Host, ttlSeconds: number): Promise<HostRegistration> {
+    const reg = new HostLease(this.#client, this.#k.host(host.id), host, ttlSeconds, this.#log, (res) => this.#settle(res), (e) => this.#unavailable(e));
+    await reg.register();
+    this.#registrations.add(reg);
+    const close = reg.close.bind(reg);
+    reg.close = async () => {
+      this.#registrations.delete(reg);
+      await close();
+    };
+    return reg;
+  }
+
+  async allocateMachineNumber(host_id: string): Promise<number> {
+    return this.#increment(this.#k.machineCounter(host_id));
+  }
+  async allocateNetworkNumber(): Promise<number> {
+    return this.#increment(this.#k.networkCounter());
+  }
+
+  /** Returns the counter's value (1 when absent) and stores value + 1, by compare-and-swap. */
+  async #increment(key: string): Promise<number> {
+    for (let attempt = 0; attempt < casAttempts * 5; attempt++) {
+      const read = await this.#txn([], [get(key)]);
+      const kv = EtcdBackend.#rangeOf(read, 0)[0];
+      const next = kv ? Number(kv.value.toString()) : 1;
+      if (!Number.isSafeInteger(next) || next < 1) throw new Error(`counter ${key} holds "${kv?.value.toString()}", not a positive integer`);
+      const res = await this.#txn([modIs(key, kv?.mod_revision ?? 0)], [put(key, String(next + 1))]);
+      if (res.succeeded) {
+        await this.#settle(res);
+        return next;
+      }
+    }
+    throw new TarmacError('conflict', `counter ${key} is contended; retry`);
+  }
+
+  #parseStored(schema: typeof machineSpecSchema | typeof leaseSchema, value: Buffer, key: string): unknown {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(value.toString());
+    } catch (e) {
+      throw new Error(`catalog value at ${key} is not JSON`, { cause: e });
+    }
+    const r = schema.safeParse(parsed);
+    if (!r.success) throw new Error(`catalog value at ${key} does not match its schema: ${r.error.message}`);
+    return r.data;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    await Promise.allSettled([...this.#registrations].map((r) => r.close()));
+    this.#closed = true;
+    await this.#mirror.close();
+    this.#client.close();
+  }
+}
+
+/** A host row under an etcd lease kept alive in the background; re-registered if the lease is lost. */
+class HostLease implements HostRegistration {
+  #lease: EtcdLease | undefined;
+  #host: Host;
+  #closed = false;
+  #retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly client: Etcd3,
+    readonly key: string,
+    host: Host,
+    readonly ttlSeconds: number,
+    readonly log: Logger,
+    readonly settle: (res: ITxnResponse) => Promise<void>,
+    readonly unavailable: (e: unknown) => TarmacError,
+  ) {
+    this.#host = hostSchema.parse(host) as Host;
+  }
+
+  async register(): Promise<void> {
+    const lease = this.client.lease(this.ttlSeconds);
+    this.#lease = lease;
+    lease.on('lost', (err) => {
+      if (this.#closed || this.#lease !== lease) return;
+      this.log.warn({ err: errorMessage(err), host: this.#host.id }, 'host registration lease lost; registering again');
+      this.#scheduleRetry(200);
+    });
+    try {
+      const id = await lease.grant();
+      await this.#put(id);
+    } catch (e) {
+      lease.release();
+      throw this.unavailable(e);
+    }
+  }
+
+  #scheduleRetry(ms: number): void {
+    clearTimeout(this.#retry);
+    this.#retry = setTimeout(() => {
+      if (this.#closed) return;
+      this.#lease?.release();
+      this.register().catch(() => this.#scheduleRetry(Math.min(ms * 2, 5_000)));
+    }, ms);
+  }
+
+  async #put(leaseId: string): Promise<void> {
+    const res = await this.client.kv.txn({ success: [put(this.key, json(this.#host), leaseId)] });
+    await this.settle(res);
+  }
+
+  async update(host: Host): Promise<void> {
+    this.#host = hostSchema.parse(host) as Host;
+    const lease = this.#lease;
+    if (!lease) throw new TarmacError('unavailable', 'the host registration is not active');
+    try {
+      await this.#put(await lease.grant());
+    } catch (e) {
+      throw this.unavailable(e);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#retry);
+    const lease = this.#lease;
+    this.#lease = undefined;
+    if (!lease) return;
+    // Revoking deletes the row; if etcd is unreachable the lease simply expires after its TTL.
+    await Promise.race([lease.revoke().catch(() => lease.release()), new Promise((r) => setTimeout(r, 3_000).unref())]);
+  }
+}
