@@ -15,6 +15,10 @@ export const hostConfigSchema = z.strictObject({
   data_dir: z.string().min(1).default('./.tarmac'),
   /** Stable host id; generated on first start and kept in the data dir when absent. */
   host_id: z.string().regex(/^[a-z0-9-]{1,40}$/).optional(),
+  /** "sqlite" (the embedded catalog, one host) or "etcd://h1:2379,h2:2379" (a fleet; each host mirrors it locally). */
+  catalog: z.string().regex(/^(sqlite|etcd:\/\/[^\s,]+(,[^\s,]+)*)$/, 'must be "sqlite" or "etcd://host:port[,host:port…]"').default('sqlite'),
+  /** Seconds a host stays in the catalog after it stops renewing its registration (etcd lease). */
+  host_ttl_seconds: z.number().int().min(2).max(300).default(10),
   region: z.string().regex(/^[a-z0-9-]{2,20}$/, 'must be a short lowercase region name like "local" or "fra"').default('local'),
   roles: z.array(z.enum(['edge', 'worker', 'api'])).min(1).default(['edge', 'worker', 'api']),
   api: listen.default({ host: '127.0.0.1', port: 4280 }),

@@ -3,7 +3,7 @@ import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
-import { openSqliteCatalog, type Catalog, type Host } from '../catalog/index.ts';
+import { openEtcdCatalog, openSqliteCatalog, type Catalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
 import { startProxy, type RunningProxy } from '../proxy/index.ts';
 import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, type Driver } from '../orchestrator/index.ts';
@@ -35,7 +35,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     await ensureHostFirewall(); // machines reach neither the host nor each other, from before the first one starts
   }
 
-  const catalog = openSqliteCatalog(join(dataDir, 'catalog.sqlite'));
+  const catalog = await openCatalog(config, log);
   const closers: Array<() => Promise<void>> = [() => catalog.close()];
   const close = async () => {
     for (const c of closers.reverse()) await c().catch((e: unknown) => log.error({ err: e }, 'shutdown step failed'));
@@ -43,7 +43,8 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
   try {
     const hostId = await hostIdentity(dataDir, config);
     const adminToken = await ensureAdmin(catalog, dataDir, env);
-    const host = await registerHost(catalog, hostId, config);
+    const { host, registration } = await registerHost(catalog, dataDir, hostId, config);
+    closers.push(() => registration.close());
     log.info({ host: hostId, region: config.region, roles: config.roles, data_dir: dataDir }, 'host starting');
 
     let orchestrator: Orchestrator | undefined;
@@ -124,17 +125,32 @@ async function ensureAdmin(catalog: Catalog, dataDir: string, env: NodeJS.Proces
   return token;
 }
 
-async function registerHost(catalog: Catalog, id: string, config: HostConfig): Promise<Host> {
-  const existing = catalog.getHost(id);
+async function registerHost(catalog: Catalog, dataDir: string, id: string, config: HostConfig): Promise<{ host: Host; registration: HostRegistration }> {
   const host: Host = {
     id, region: config.region, roles: [...config.roles],
-    host_number: existing?.host_number ?? newHostNumber(catalog),
+    host_number: await hostNumber(catalog, dataDir),
     cpus: config.capacity.cpus || cpus().length,
     memory_mb: config.capacity.memory_mb || Math.floor(totalmem() / 2 ** 20),
     address: config.api.host, updated_at: new Date().toISOString(),
   };
-  await catalog.putHost(host);
-  return host;
+  return { host, registration: await catalog.registerHost(host, config.host_ttl_seconds) };
+}
+
+/** This host's number, kept in the data dir: with etcd the host row vanishes with its lease, the number must not. */
+async function hostNumber(catalog: Catalog, dataDir: string): Promise<number> {
+  const file = join(dataDir, 'host-number');
+  const kept = Number((await readFile(file, 'utf8').catch(() => '')).trim());
+  if (Number.isInteger(kept) && kept > 0) return kept;
+  const n = newHostNumber(catalog);
+  await writeFile(file, `${n}\n`);
+  return n;
+}
+
+/** The catalog backend the config names: the embedded SQLite file, or etcd mirrored into a local SQLite file. */
+async function openCatalog(config: HostConfig, log: Logger): Promise<Catalog> {
+  if (config.catalog === 'sqlite') return openSqliteCatalog(join(config.data_dir, 'catalog.sqlite'));
+  const endpoints = config.catalog.slice('etcd://'.length).split(',');
+  return openEtcdCatalog({ endpoints, mirrorPath: join(config.data_dir, 'catalog-mirror.sqlite'), log: log.child({ component: 'catalog' }) });
 }
 
 /**

@@ -17,6 +17,7 @@ Options:
   --proxy-listen H:P     proxy HTTP address (default 0.0.0.0:8080)
   --apps-domain D        apps answer at <app>.D (default localhost)
   --region R             region of this host (default local)
+  --catalog URL          sqlite (default) or etcd://h1:2379,h2:2379 ($TARMAC_CATALOG)
   --runtime NAME         default machine runtime: runc, crun or runsc (default runc)
   --no-install           never apt-get install missing packages
   --log-level L          trace|debug|info|warn|error (default info)
@@ -32,6 +33,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
       config: { type: 'string' }, 'data-dir': { type: 'string' }, 'api-listen': { type: 'string' },
       'proxy-listen': { type: 'string' }, 'apps-domain': { type: 'string' }, region: { type: 'string' },
       runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
+      catalog: { type: 'string' },
     },
   });
   const input: Record<string, unknown> = values.config ? { ...(await readConfigFile(values.config)) } : {};
@@ -43,6 +45,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
   if (values['apps-domain']) proxy['apps_domain'] = values['apps-domain'];
   if (Object.keys(proxy).length) input['proxy'] = proxy;
   if (values.region) input['region'] = values.region;
+  if (values.catalog ?? env['TARMAC_CATALOG']) input['catalog'] = values.catalog ?? env['TARMAC_CATALOG'];
   if (values.runtime) input['runtime'] = { ...(input['runtime'] as object | undefined), default: values.runtime };
   if (values['no-install']) input['install_packages'] = false;
   if (values['log-level'] ?? env['TARMAC_LOG_LEVEL']) input['log_level'] = values['log-level'] ?? env['TARMAC_LOG_LEVEL'];
