@@ -75,7 +75,7 @@ export function readRequestHead(raw: readonly string[]): RequestHead {
         hasBody = true;
         break;
       case Act.Connection:
-        connection = connection === undefined ? value : `${connection},${value}`;
+        if (!plainConnection(value)) connection = connection === undefined ? value : `${connection},${value}`;
         break;
       case Act.ForwardedFor:
         forwardedFor = forwardedFor === undefined ? value : `${forwardedFor}, ${value}`;
@@ -120,7 +120,7 @@ export function responseHeaders(raw: readonly Buffer[], requestId: string): stri
     if (hopByHop.has(lower)) {
       if (lower === 'connection') {
         const value = raw[i + 1]!.toString('latin1');
-        connection = connection === undefined ? value : `${connection},${value}`;
+        if (!plainConnection(value)) connection = connection === undefined ? value : `${connection},${value}`;
       }
       continue;
     }
@@ -128,6 +128,13 @@ export function responseHeaders(raw: readonly Buffer[], requestId: string): stri
   }
   out.push('fly-request-id', requestId, 'via', '1.1 tarmac');
   return connection === undefined ? out : stripConnectionListed(out, connection, noneProtected);
+}
+
+/** True for the Connection values nearly every message carries, which name no other header to remove. */
+function plainConnection(value: string): boolean {
+  if (value.length !== 10 && value.length !== 5) return false;
+  const v = value.toLowerCase();
+  return v === 'keep-alive' || v === 'close';
 }
 
 /** Removes headers named in a Connection value (the rare path: most clients send only keep-alive or close). */

@@ -5,12 +5,12 @@ import { createServer, IncomingMessage, ServerResponse, type Server } from 'node
 import type { AddressInfo, Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Pool, type Dispatcher } from 'undici';
-import type { CatalogReader, ChangeBatch } from '../catalog/index.ts';
+import type { ChangeBatch } from '../catalog/index.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { type ProxyErrorCode, sendClientError, sendProxyError } from './errors.ts';
 import { addForwarding, clientAddress, type ForwardingConstants, readRequestHead, responseHeaders } from './headers.ts';
-import { type AppRoute, type Backend, RouteIndex, type RoutingTable } from './routing.ts';
+import { type AppRoute, type Backend, RouteIndex, type RouteSource, type RoutingTable } from './routing.ts';
 
 /** Timeouts in milliseconds; every one has a default. */
 export interface ProxyTimeouts {
@@ -31,7 +31,8 @@ export interface ProxyTimeouts {
 }
 
 export interface ProxyOptions {
-  catalog: CatalogReader;
+  /** The catalog (or a cluster worker's feed of it). */
+  catalog: RouteSource;
   http: { host: string; port: number };
   /** Apps are served at `<app>.<appsDomain>`. Default 'localhost'. */
   appsDomain?: string;

@@ -1,6 +1,9 @@
 // The routing table: an immutable per-app snapshot of servable backends, kept current from catalog change batches.
 import type { CatalogChange, CatalogReader, MachineSpec, MachineStatus } from '../catalog/index.ts';
 
+/** What routing reads from the catalog: a consistent load, then every batch after it. A Catalog is one; so is a cluster worker's feed. */
+export type RouteSource = Pick<CatalogReader, 'revision' | 'listApps' | 'listMachines' | 'subscribe'>;
+
 /** One place a request for an app can go: a started machine's service on its private address. */
 export interface Backend {
   readonly app: string;
@@ -84,7 +87,7 @@ export class RouteIndex {
   #revision = 0;
   #table: RoutingTable;
 
-  constructor(catalog: CatalogReader) {
+  constructor(catalog: RouteSource) {
     this.#revision = catalog.revision();
     for (const app of catalog.listApps()) this.#apps.add(app.name);
     for (const { spec, status } of catalog.listMachines()) {

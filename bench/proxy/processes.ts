@@ -1,0 +1,194 @@
+// The benchmark's processes: nginx and HAProxy in temp dirs, Node peers as children, readiness, CPU accounting and stopping.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
+import { createServer, connect, type AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** A process the benchmark started and must stop. */
+export interface Peer {
+  readonly name: string;
+  readonly port: number;
+  readonly pid: number;
+  stop(): Promise<void>;
+}
+
+const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
+const live = new Set<ChildProcess>();
+// If the harness dies on an exception, no server outlives it.
+process.once('exit', () => { for (const c of live) c.kill('SIGKILL'); });
+
+/** A loopback port free right now (bound once, then released). */
+export async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as AddressInfo).port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, '127.0.0.1');
+    s.once('connect', () => { s.destroy(); resolve(true); });
+    s.once('error', () => resolve(false));
+  });
+}
+
+function track(name: string, child: ChildProcess): { exited: Promise<void>; stderr: () => string } {
+  live.add(child);
+  let err = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (d: string) => { if (err.length < 8192) err += d; });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => { live.delete(child); resolve(); }));
+  child.once('error', (e) => { err += `${name}: ${e.message}`; });
+  return { exited, stderr: () => err };
+}
+
+async function stopChild(child: ChildProcess, exited: Promise<void>, signal: NodeJS.Signals): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  child.kill(signal);
+  let timer: NodeJS.Timeout | undefined;
+  const killed = new Promise<void>((resolve) => { timer = setTimeout(() => { child.kill('SIGKILL'); resolve(); }, 5_000); });
+  await Promise.race([exited, killed]);
+  clearTimeout(timer);
+  await exited;
+}
+
+/** Starts a server that listens on a known port; resolves once the port accepts connections. */
+async function startListening(name: string, cmd: string, args: string[], port: number, stopSignal: NodeJS.Signals): Promise<Peer> {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const { exited, stderr } = track(name, child);
+  const deadline = Date.now() + 10_000;
+  while (!(await canConnect(port))) {
+    if (child.exitCode !== null || Date.now() > deadline) {
+      await stopChild(child, exited, 'SIGKILL');
+      throw new Error(`${name} did not start listening on ${port}: ${stderr()}`);
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { name, port, pid: child.pid!, stop: () => stopChild(child, exited, stopSignal) };
+}
+
+/** Starts a Node script (through tsx) that prints `{"port":N}` on its first stdout line when ready. */
+export async function startNodeScript(name: string, script: string, args: string[], nodeArgs: string[] = []): Promise<Peer> {
+  const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(repoRoot, 'bench/proxy', script), ...args], {
+    cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_ENV: 'production' },
+  });
+  const { exited, stderr } = track(name, child);
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`${name} did not start in time: ${stderr()}`)), 30_000);
+    child.stdout!.setEncoding('utf8');
+    child.stdout!.on('data', (d: string) => {
+      out += d;
+      const nl = out.indexOf('\n');
+      if (nl === -1) return;
+      clearTimeout(timer);
+      try { resolve((JSON.parse(out.slice(0, nl)) as { port: number }).port); } catch (e) { reject(e as Error); }
+    });
+    void exited.then(() => { clearTimeout(timer); reject(new Error(`${name} exited before it was ready: ${stderr()}`)); });
+  }).catch(async (e: unknown) => { await stopChild(child, exited, 'SIGKILL'); throw e; });
+  return { name, port, pid: child.pid!, stop: () => stopChild(child, exited, 'SIGTERM') };
+}
+
+/** nginx answering `return 200` on loopback: the fast backend every target drives. One worker. */
+export async function startNginxBackend(dir: string): Promise<Peer> {
+  const port = await freePort();
+  const conf = `${nginxCommon(dir, 1)}
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:${port} reuseport backlog=4096;
+    location / { default_type text/plain; return 200 "ok\\n"; }
+  }
+}
+`;
+  return startNginx('backend nginx', dir, 'backend.conf', conf, port);
+}
+
+/** nginx as a reverse proxy to the backend with a keep-alive upstream, one worker per core. */
+export async function startNginxProxy(dir: string, backendPort: number): Promise<Peer> {
+  const port = await freePort();
+  const conf = `${nginxCommon(dir, 'auto')}
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:${backendPort}; keepalive 128; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:${port} backlog=4096;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }
+  }
+}
+`;
+  return startNginx('nginx', dir, 'proxy.conf', conf, port);
+}
+
+function nginxCommon(dir: string, workers: number | 'auto'): string {
+  return `worker_processes ${workers};
+error_log ${dir}/nginx-error.log warn;
+pid ${dir}/nginx-${Math.random().toString(36).slice(2)}.pid;
+events { worker_connections 4096; }`;
+}
+
+async function startNginx(name: string, dir: string, file: string, conf: string, port: number): Promise<Peer> {
+  const path = join(dir, file);
+  await writeFile(path, conf);
+  return startListening(name, 'nginx', ['-p', `${dir}/`, '-c', path, '-e', `${dir}/nginx-error.log`, '-g', 'daemon off;'], port, 'SIGTERM');
+}
+
+/** HAProxy in http mode with keep-alive and connection reuse to the backend, one thread per core (its default). */
+export async function startHaproxy(dir: string, backendPort: number): Promise<Peer> {
+  const port = await freePort();
+  const path = join(dir, 'haproxy.cfg');
+  await writeFile(path, `global
+  maxconn 4096
+defaults
+  mode http
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:${port}
+  default_backend be
+backend be
+  server b1 127.0.0.1:${backendPort}
+`);
+  return startListening('HAProxy', 'haproxy', ['-db', '-f', path], port, 'SIGTERM');
+}
+
+/** Clock ticks per second of /proc times (USER_HZ; 100 on Linux). */
+const ticksPerSecond = 100;
+
+/** CPU seconds (user + system) used so far by `pid` and all its descendants, including children they already reaped. */
+export function treeCpuSeconds(pid: number): number {
+  const parent = new Map<number, number>();
+  const ticks = new Map<number, number>();
+  for (const entry of readdirSync('/proc')) {
+    const p = Number(entry);
+    if (!Number.isInteger(p)) continue;
+    let stat: string;
+    try { stat = readFileSync(`/proc/${p}/stat`, 'latin1'); } catch { continue; }
+    // Fields after the parenthesised command name, which may itself contain spaces.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    parent.set(p, Number(f[1]));
+    ticks.set(p, Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]));
+  }
+  let total = 0;
+  for (const [p, t] of ticks) {
+    for (let q: number | undefined = p; q !== undefined && q > 1; q = parent.get(q)) {
+      if (q === pid) { total += t; break; }
+    }
+  }
+  return total / ticksPerSecond;
+}

@@ -1,0 +1,34 @@
+// Benchmark peer: Tarmac's proxy in its own process over a real SQLite catalog whose one app points at the backend.
+// Usage: node --import tsx bench/proxy/tarmac-proxy.ts DATA_DIR BACKEND_PORT [WORKERS]; prints {"port":N} when ready.
+// WORKERS > 1 runs the proxy as a node:cluster of that many workers (startProxyCluster).
+import { join } from 'node:path';
+import { openSqliteCatalog } from '../../src/catalog/index.ts';
+import { startProxy, startProxyCluster } from '../../src/proxy/index.ts';
+import { silentLogger } from '../../src/shared/log.ts';
+
+const [dataDir, backendPort, workers = '1'] = process.argv.slice(2);
+if (dataDir === undefined || backendPort === undefined) throw new Error('usage: tarmac-proxy.ts DATA_DIR BACKEND_PORT [WORKERS]');
+
+const benchApp = 'bench';
+const now = new Date().toISOString();
+const id = '0000000000b0b0';
+const catalog = openSqliteCatalog(join(dataDir, `catalog-${workers}.sqlite`));
+await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: now });
+await catalog.createApp({ name: benchApp, org_slug: 'personal', network: 'default', created_at: now });
+await catalog.createMachine({
+  id, app: benchApp, name: 'bench-1', region: 'local', host_id: 'h1',
+  config: { image: 'bench', services: [{ protocol: 'tcp', internal_port: Number(backendPort), ports: [{ port: 80, handlers: ['http'] }] }] },
+  instance_id: `01INST${id}`, version: 1, desired: 'started', restart_generation: 0, cordoned: false,
+  private_ip: '127.0.0.1', created_at: now, updated_at: now,
+}, []);
+await catalog.putMachineStatus({ id, app: benchApp, state: 'started', instance_id: `01INST${id}`, restarts: 0, restart_generation: 0, updated_at: now });
+
+const opts = { catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'bench' };
+const proxy = Number(workers) > 1
+  ? await startProxyCluster({ ...opts, workers: Number(workers), logLevel: 'silent' })
+  : await startProxy(opts);
+process.stdout.write(`${JSON.stringify({ port: proxy.address.port })}\n`);
+
+process.once('SIGTERM', () => {
+  void proxy.close().then(() => catalog.close()).then(() => process.exit(0));
+});
