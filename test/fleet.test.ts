@@ -14,7 +14,7 @@ async function answer(h: TestHost, app: string): Promise<string> {
   return `${res.statusCode} ${(await res.body.text()).trim()}`;
 }
 
-test('two hosts share an etcd catalog: machines spread over both and every proxy routes to all of them', async (t) => {
+test('two hosts share an etcd catalog: machines spread over both, every proxy routes to all of them, a departed host leaves routing', async (t) => {
   const etcd = await startEtcdCluster(3);
   t.after(() => etcd.stop());
   const registry = await startRegistry();
@@ -48,6 +48,13 @@ test('two hosts share an etcd catalog: machines spread over both and every proxy
   }
   // Reads on either host agree row for row.
   assert.deepEqual(a.host.catalog.listMachines({ app: 'spread' }), b.host.catalog.listMachines({ app: 'spread' }));
+
+  // Host b goes away (its registration ends): its machine leaves every routing table, traffic keeps flowing to a's.
+  await b.stopHostOnly();
+  await waitFor('host b to leave the catalog', () => a.host.catalog.getHost('host-b') === undefined);
+  for (let i = 0; i < 10; i++) assert.equal(await answer(a, 'spread'), `200 ${m1.id}`);
+  await b.restart(); // b comes back, reattaches to its machine and routes to it again
+  await waitFor('host b\'s machine to serve again', async () => (await answer(a, 'spread')) === `200 ${m2.id}`);
 
   await b.client.deleteApp('spread');
   await waitFor('both hosts to remove their machines', async () =>

@@ -14,6 +14,7 @@ const now = new Date().toISOString();
 const id = '0000000000b0b0';
 const catalog = openSqliteCatalog(join(dataDir, `catalog-${workers}.sqlite`));
 await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: now });
+await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker'], host_number: 1, cpus: 2, memory_mb: 4096, address: '127.0.0.1', updated_at: now });
 await catalog.createApp({ name: benchApp, org_slug: 'personal', network: 'default', created_at: now });
 await catalog.createMachine({
   id, app: benchApp, name: 'bench-1', region: 'local', host_id: 'h1',

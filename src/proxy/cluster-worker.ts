@@ -1,6 +1,6 @@
 // Entry of a proxy cluster worker: builds its routing feed from the primary's messages and runs the proxy on the shared port.
 import cluster from 'node:cluster';
-import type { App, ChangeBatch, Machine } from '../catalog/index.ts';
+import type { App, ChangeBatch, Host, Machine } from '../catalog/index.ts';
 import { createLogger } from '../shared/log.ts';
 import type { FromWorker, ToWorker } from './cluster.ts';
 import { startProxy, type RunningProxy } from './proxy.ts';
@@ -9,12 +9,14 @@ import type { RouteSource } from './routing.ts';
 /** The catalog as the primary describes it: one load, then the batches it forwards, in order. */
 class Feed implements RouteSource {
   readonly #listeners = new Set<(b: ChangeBatch) => void>();
-  constructor(public apps: App[], public machines: Machine[], readonly rev: number) {}
+  constructor(public apps: App[], public machines: Machine[], public hosts: Host[], readonly rev: number) {}
   revision(): number { return this.rev; }
   /** All apps (routing needs no filter). */
   listApps(): App[] { return this.apps; }
   /** All machines (routing needs no filter). */
   listMachines(): Machine[] { return this.machines; }
+  /** All registered hosts (a machine on a host that is gone gets no traffic). */
+  listHosts(): Host[] { return this.hosts; }
   subscribe(fn: (b: ChangeBatch) => void): () => void {
     this.#listeners.add(fn);
     return () => this.#listeners.delete(fn);
@@ -46,7 +48,7 @@ process.on('disconnect', () => void shutdown());
 process.on('message', (m: ToWorker) => {
   switch (m.t) {
     case 'init': {
-      const f = new Feed(m.apps, m.machines, m.revision);
+      const f = new Feed(m.apps, m.machines, m.hosts, m.revision);
       feed = f;
       const log = createLogger({ level: m.options.logLevel }).child({ worker: cluster.worker?.id });
       startProxy({ ...m.options, catalog: f, log }).then((p) => {

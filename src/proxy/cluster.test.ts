@@ -21,6 +21,7 @@ async function tempCatalog(t: TestContext): Promise<Catalog> {
     await rm(dir, { recursive: true, force: true });
   });
   await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: now() });
+  await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker'], host_number: 1, cpus: 2, memory_mb: 4096, address: '127.0.0.1', updated_at: now() });
   return catalog;
 }
 

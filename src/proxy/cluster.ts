@@ -1,7 +1,7 @@
 // The proxy on several cores: N node:cluster workers share the listening port, each holds its own routing table fed by the primary.
 import cluster, { type Worker } from 'node:cluster';
 import { fileURLToPath } from 'node:url';
-import type { App, ChangeBatch, Machine } from '../catalog/index.ts';
+import type { App, ChangeBatch, Host, Machine } from '../catalog/index.ts';
 import { TarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import type { ProxyOptions, ProxyTimeouts, RunningProxy } from './proxy.ts';
@@ -27,7 +27,7 @@ export interface WorkerProxyOptions {
 
 /** Primary → worker. `init` carries a consistent catalog load; every batch after it follows on the same ordered channel. */
 export type ToWorker =
-  | { t: 'init'; options: WorkerProxyOptions; revision: number; apps: App[]; machines: Machine[] }
+  | { t: 'init'; options: WorkerProxyOptions; revision: number; apps: App[]; machines: Machine[]; hosts: Host[] }
   | { t: 'batch'; batch: ChangeBatch }
   | { t: 'close' };
 
@@ -111,7 +111,7 @@ class ProxyCluster implements RunningProxy {
         if (this.#opts.region !== undefined) options.region = this.#opts.region;
         if (this.#opts.timeouts !== undefined) options.timeouts = this.#opts.timeouts;
         // One synchronous read: consistent with the batches that follow it on this channel.
-        const init: ToWorker = { t: 'init', options, revision: c.revision(), apps: c.listApps(), machines: c.listMachines() };
+        const init: ToWorker = { t: 'init', options, revision: c.revision(), apps: c.listApps(), machines: c.listMachines(), hosts: c.listHosts() };
         w.send(init);
         this.#fed.add(w);
       };

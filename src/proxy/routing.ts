@@ -2,7 +2,7 @@
 import type { CatalogChange, CatalogReader, MachineSpec, MachineStatus } from '../catalog/index.ts';
 
 /** What routing reads from the catalog: a consistent load, then every batch after it. A Catalog is one; so is a cluster worker's feed. */
-export type RouteSource = Pick<CatalogReader, 'revision' | 'listApps' | 'listMachines' | 'subscribe'>;
+export type RouteSource = Pick<CatalogReader, 'revision' | 'listApps' | 'listMachines' | 'listHosts' | 'subscribe'>;
 
 /** One place a request for an app can go: a started machine's service on its private address. */
 export interface Backend {
@@ -84,17 +84,20 @@ export class RouteIndex {
   readonly #machines = new Map<string, MachineEntry>();
   readonly #appMachines = new Map<string, Set<string>>();
   readonly #dirty = new Set<string>();
+  /** Registered hosts: a machine whose host is gone (its registration lapsed) gets no traffic. */
+  readonly #hosts = new Set<string>();
   #revision = 0;
   #table: RoutingTable;
 
   constructor(catalog: RouteSource) {
     this.#revision = catalog.revision();
     for (const app of catalog.listApps()) this.#apps.add(app.name);
+    for (const host of catalog.listHosts()) this.#hosts.add(host.id);
     for (const { spec, status } of catalog.listMachines()) {
       this.#machine(spec.id, spec.app).spec = spec;
       const entry = this.#machines.get(spec.id)!;
       entry.status = status;
-      entry.backends = machineServes(spec, status) ? backendsOf(spec) : [];
+      entry.backends = machineServes(spec, status) && this.#hosts.has(spec.host_id) ? backendsOf(spec) : [];
     }
     for (const app of this.#apps) this.#dirty.add(app);
     this.#table = { version: 0, revision: this.#revision, builtAt: Date.now(), apps: new Map() };
@@ -137,6 +140,17 @@ export class RouteIndex {
           entry.status = c.op === 'put' ? c.value : undefined;
           this.#settle(c.key, entry);
           touched = true;
+          break;
+        }
+        case 'host': {
+          if (c.op === 'put') this.#hosts.add(c.key);
+          else this.#hosts.delete(c.key);
+          for (const [id, entry] of this.#machines) {
+            if (entry.spec?.host_id === c.key) {
+              this.#settle(id, entry);
+              touched = true;
+            }
+          }
           break;
         }
         default:
@@ -193,7 +207,7 @@ export class RouteIndex {
       if (this.#appMachines.get(entry.app)?.size === 0) this.#appMachines.delete(entry.app);
       return;
     }
-    const serves = entry.spec !== undefined && machineServes(entry.spec, entry.status);
+    const serves = entry.spec !== undefined && machineServes(entry.spec, entry.status) && this.#hosts.has(entry.spec.host_id);
     if (!serves) {
       entry.backends = [];
       return;
