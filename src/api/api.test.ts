@@ -161,6 +161,24 @@ test('org tokens see only their org: other apps are 404, creating elsewhere 403'
   assert.equal((await env.admin.getApp('theirs')).name, 'theirs');
 });
 
+test('GET /v1/hosts: admin only; with the embedded catalog every host is at its revision, current, with its machine count', async (t) => {
+  const env = await setup(t);
+  await env.admin.createApp({ app_name: 'counted', org_slug: 'personal' });
+  await env.admin.createMachine('counted', machineBody({ skip_launch: true }));
+  const res = await env.admin.listHosts();
+  assert.equal(res.total_hosts, 1);
+  assert.equal(res.revision, env.catalog.revision());
+  const [h] = res.hosts;
+  assert.deepEqual({ ...h, last_seen: typeof h?.last_seen }, {
+    id: 'host-1', region: 'local', roles: ['edge', 'worker', 'api'], address: '127.0.0.1', host_number: 1,
+    capacity: { cpus: 2, memory_mb: 4096 }, machines: 1, revision: env.catalog.revision(), lag: 0, staleness_ms: 0, last_seen: 'string',
+  });
+  await rejects(env.acme.listHosts(), 403, /admin token/);
+  const raw = await env.raw('/v1/apps');
+  assert.equal(raw.headers.get('tarmac-catalog-stale'), null, 'the embedded catalog is never stale');
+  await raw.body?.cancel();
+});
+
 test('machine create: Fly shape, placement, private address, launch event, skip_launch', async (t) => {
   const env = await setup(t);
   await env.admin.createApp({ app_name: 'web', org_slug: 'personal' });

@@ -8,9 +8,14 @@ import { newUlid } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
 import { makeAuthenticator } from './auth.ts';
 import { sendError, sendJson } from './http.ts';
+import { embeddedFleetView, type FleetView } from './hosts.ts';
 import { routes, type Ctx, type Deps, type Route, type WorkerLink } from './routes.ts';
 
 export type { WorkerLink } from './routes.ts';
+export type { FleetView, HostMirror } from './hosts.ts';
+
+/** Response header on every answer while this host's copy of the catalog is not current: how stale it is, in ms. */
+export const catalogStaleHeader = 'tarmac-catalog-stale';
 export { maxBodyBytes } from './http.ts';
 export { sharedCpusPerCore } from './placement.ts';
 
@@ -22,6 +27,8 @@ export interface ApiOptions {
   region: string;
   adminToken: string;
   workers?: WorkerLink;
+  /** The fleet's catalog copies (etcd catalog); default: the embedded catalog's, always current. */
+  fleet?: FleetView;
   /** Closes the server when aborted. */
   signal?: AbortSignal;
 }
@@ -42,7 +49,8 @@ const methods = ['GET', 'POST', 'DELETE'] as const;
 
 export async function startApi(opts: ApiOptions): Promise<RunningApi> {
   const log = opts.log.child({ component: 'api' });
-  const deps: Deps = { catalog: opts.catalog, region: opts.region, workers: opts.workers };
+  const fleet = opts.fleet ?? embeddedFleetView(opts.catalog);
+  const deps: Deps = { catalog: opts.catalog, region: opts.region, workers: opts.workers, fleet };
   const authenticate = makeAuthenticator(opts.catalog, opts.adminToken);
   const closing = new AbortController();
 
@@ -56,6 +64,9 @@ export async function startApi(opts: ApiOptions): Promise<RunningApi> {
     res.on('finish', () => {
       rlog.debug({ status: res.statusCode, ms: Number(process.hrtime.bigint() - started) / 1e6 }, 'request done');
     });
+    // Reads answer from this host's copy of the catalog even when the catalog is unreachable: say how stale it is.
+    const stale = fleet.catalogStaleMs();
+    if (stale !== undefined) res.setHeader(catalogStaleHeader, String(Math.round(stale)));
     try {
       if (url.pathname === '/healthz' || url.pathname === '/v1/healthz') {
         if (req.method !== 'GET' && req.method !== 'HEAD') throw new TarmacError('method_not_allowed', `${req.method} is not allowed on ${url.pathname}`);

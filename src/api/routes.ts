@@ -12,6 +12,7 @@ import { newMachineId, newNonce, newUlid } from '../shared/ids.ts';
 import type { MachineResponse } from '../client/index.ts';
 import { canSeeOrg, visibleApp, type Principal } from './auth.ts';
 import { parseInput, readJsonBody, sendJson } from './http.ts';
+import { listHosts, type FleetView } from './hosts.ts';
 import { demandOf, fits, placeMachine, usedOn } from './placement.ts';
 import { machineEventsShown, machineState, presentApp, presentEvent, presentLease, presentMachine } from './present.ts';
 
@@ -28,6 +29,7 @@ export interface Deps {
   catalog: Catalog;
   region: string;
   workers: WorkerLink | undefined;
+  fleet: FleetView;
 }
 
 export interface Ctx {
@@ -724,4 +726,5 @@ export const routes: Route[] = [
   { method: 'DELETE', path: '/v1/apps/:app/machines/:id/metadata/:key', handler: (ctx) => setMetadata(ctx, undefined) },
   { method: 'POST', path: '/v1/apps/:app/machines/:id/cordon', handler: (ctx) => setCordon(ctx, true) },
   { method: 'POST', path: '/v1/apps/:app/machines/:id/uncordon', handler: (ctx) => setCordon(ctx, false) },
+  { method: 'GET', path: '/v1/hosts', handler: listHosts },
 ];

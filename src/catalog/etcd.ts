@@ -4,7 +4,7 @@ import { Etcd3, isRecoverableError, type ICompare, type IRequestOp, type ITxnRes
 import type { Logger } from '../shared/log.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import { catalogKeys, prefixEnd, type CatalogKeys } from './keys.ts';
-import { openMirror, type Mirror } from './mirror.ts';
+import { hostMirrorStatusSchema, hostStatusKey, openMirror, type HostMirrorStatus, type Mirror } from './mirror.ts';
 import { hostSchema, leaseSchema, machineSpecSchema } from './schemas.ts';
 import type {
   ApiToken, App, Catalog, ChangeBatch, Host, HostRegistration, Lease, Machine, MachineEvent, MachineFilter,
@@ -29,8 +29,22 @@ export interface EtcdCatalogOptions {
   pageSize?: number;
 }
 
-/** The etcd backend's extras beyond the Catalog contract: the mirror's progress and freshness. */
+export type { HostMirrorStatus } from './mirror.ts';
+
+/** A host registration on etcd, which can also publish the host's mirror status under the same lease. */
+export interface EtcdHostRegistration extends HostRegistration {
+  /**
+   * Puts this host's mirror status (at `<prefix>host-status/<id>`, under the registration's lease, so it vanishes
+   * with the host); kept and put again if the registration has to be renewed. Fails with 'unavailable'.
+   */
+  publishStatus(status: Omit<HostMirrorStatus, 'host_id'>): Promise<void>;
+}
+
+/** The etcd backend's extras beyond the Catalog contract: the mirror's progress and freshness, hosts' mirror statuses. */
 export interface EtcdCatalog extends Catalog {
+  registerHost(host: Host, ttlSeconds: number): Promise<EtcdHostRegistration>;
+  /** Every host's last published mirror status, from the local copy. */
+  hostStatuses(): HostMirrorStatus[];
   /** Revision the local copy has applied (same as `revision()`). */
   appliedRevision(): number;
   waitForRevision(revision: number, timeoutMs?: number): Promise<void>;
@@ -116,6 +130,7 @@ class EtcdBackend implements EtcdCatalog {
   waitForRevision(revision: number, timeoutMs = this.#catchUpMs): Promise<void> { return this.#mirror.waitForRevision(revision, timeoutMs); }
   staleness(): number { return this.#mirror.staleness(); }
   resync(): Promise<void> { return this.#mirror.resync(); }
+  hostStatuses(): HostMirrorStatus[] { return this.#mirror.hostStatuses(); }
   getOrg(slug: string): Org | undefined { return this.#mirror.store.getOrg(slug); }
   listOrgs(): Org[] { return this.#mirror.store.listOrgs(); }
   findToken(hash: string): ApiToken | undefined { return this.#mirror.store.findToken(hash); }
@@ -144,8 +159,10 @@ class EtcdBackend implements EtcdCatalog {
   #unavailable(e: unknown): TarmacError {
     if (e instanceof TarmacError) return e;
     const stale = this.#mirror.staleness();
+    // grpc's messages run on for lines ("Resolution note: …"): the first sentence is what says why.
+    const why = errorMessage(e).split(/\.\s|\n/)[0]!.slice(0, 160);
     return new TarmacError('unavailable',
-      `the catalog (etcd) is unreachable (${errorMessage(e)}); reads are served from this host's copy` +
+      `the catalog (etcd) is unreachable, so changes cannot be made now (${why}); reads are served from this host's copy` +
       `${Number.isFinite(stale) ? `, last in touch ${Math.round(stale / 1000)} s ago` : ''}; retry when etcd is back`, { cause: e });
   }
 
@@ -342,8 +359,11 @@ class EtcdBackend implements EtcdCatalog {
     await this.#write([put(this.#k.host(host.id), json(hostSchema.parse(host)))]);
   }
 
-  async registerHost(host: Host, ttlSeconds: number): Promise<HostRegistration> {
-    const reg = new HostLease(this.#client, this.#k.host(host.id), host, ttlSeconds, this.#log, (res) => this.#settle(res), (e) => this.#unavailable(e));
+  async registerHost(host: Host, ttlSeconds: number): Promise<EtcdHostRegistration> {
+    const reg = new HostLease(
+      this.#client, this.#k.host(host.id), hostStatusKey(this.#k.prefix, host.id), host, ttlSeconds, this.#log,
+      (res) => this.#settle(res), (e) => this.#unavailable(e),
+    );
     await reg.register();
     this.#registrations.add(reg);
     const close = reg.close.bind(reg);
@@ -398,16 +418,18 @@ class EtcdBackend implements EtcdCatalog {
   }
 }
 
-/** A host row under an etcd lease kept alive in the background; re-registered if the lease is lost. */
-class HostLease implements HostRegistration {
+/** A host row (and its mirror status) under an etcd lease kept alive in the background; re-registered if the lease is lost. */
+class HostLease implements EtcdHostRegistration {
   #lease: EtcdLease | undefined;
   #host: Host;
+  #status: HostMirrorStatus | undefined;
   #closed = false;
   #retry: NodeJS.Timeout | undefined;
 
   constructor(
     readonly client: Etcd3,
     readonly key: string,
+    readonly statusKey: string,
     host: Host,
     readonly ttlSeconds: number,
     readonly log: Logger,
@@ -444,8 +466,22 @@ class HostLease implements HostRegistration {
   }
 
   async #put(leaseId: string): Promise<void> {
-    const res = await this.client.kv.txn({ success: [put(this.key, json(this.#host), leaseId)] });
+    const ops = [put(this.key, json(this.#host), leaseId)];
+    if (this.#status) ops.push(put(this.statusKey, json(this.#status), leaseId));
+    const res = await this.client.kv.txn({ success: ops });
     await this.settle(res);
+  }
+
+  async publishStatus(status: Omit<HostMirrorStatus, 'host_id'>): Promise<void> {
+    this.#status = hostMirrorStatusSchema.parse({ ...status, host_id: this.#host.id });
+    const lease = this.#lease;
+    if (!lease || this.#closed) throw new TarmacError('unavailable', 'the host registration is not active');
+    try {
+      // Not waited for in the local copy: nothing here reads it back at once.
+      await this.client.kv.txn({ success: [put(this.statusKey, json(this.#status), await lease.grant())] });
+    } catch (e) {
+      throw this.unavailable(e);
+    }
   }
 
   async update(host: Host): Promise<void> {

@@ -1,6 +1,8 @@
 // The mirror: a host-local SQLite copy of the etcd catalog, kept current by a watch from its own applied revision.
 import type { Duplex } from 'node:stream';
+import type Database from 'better-sqlite3';
 import type { Etcd3, IEvent, IKeyValue, IWatchRequest, IWatchResponse } from 'etcd3';
+import { z } from 'zod';
 import type { Logger } from '../shared/log.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import { decodeKey, prefixEnd, type KeyRow } from './keys.ts';
@@ -32,6 +34,40 @@ type Row = { body: string } & (
   | { table: 'org'; value: Org } | { table: 'token'; value: ApiToken } | { table: 'app'; value: App }
   | { table: 'spec'; value: MachineSpec } | { table: 'status'; value: MachineStatus } | { table: 'event'; value: MachineEvent }
   | { table: 'lease'; value: Lease } | { table: 'host'; value: Host });
+
+/**
+ * What a host reports about its copy of the catalog, at `<prefix>host-status/<id>` under the host's registration lease
+ * (so it vanishes with the host). Kept beside the rows in table host_status; not a change consumers are told about.
+ */
+export interface HostMirrorStatus {
+  host_id: string;
+  /** The etcd revision the host's copy had applied when it reported. */
+  revision: number;
+  /** Milliseconds since the host's copy had last heard from etcd, when it reported. */
+  staleness_ms: number;
+  /** When the host reported (ISO time). */
+  published_at: string;
+}
+
+export const hostMirrorStatusSchema = z.strictObject({
+  host_id: z.string().min(1),
+  revision: z.number().int().nonnegative(),
+  staleness_ms: z.number().nonnegative(),
+  published_at: z.string(),
+});
+
+/** The etcd key of a host's mirror status. */
+export function hostStatusKey(prefix: string, hostId: string): string {
+  return `${prefix}host-status/${encodeURIComponent(hostId)}`;
+}
+
+/** The host id of a host-status key, or undefined for any other key. */
+function hostStatusIdOf(prefix: string, key: string): string | undefined {
+  const top = `${prefix}host-status/`;
+  if (!key.startsWith(top)) return undefined;
+  const rest = key.slice(top.length);
+  return rest !== '' && !rest.includes('/') ? decodeURIComponent(rest) : undefined;
+}
 
 const schemas = {
   org: orgSchema, token: tokenSchema, app: appSchema, spec: machineSpecSchema, status: machineStatusSchema,
@@ -66,12 +102,24 @@ export class Mirror {
   #needResync = false;
   #loop: Promise<void> | undefined;
   #endStream: (() => void) | undefined;
+  readonly #statusPut: Database.Statement;
+  readonly #statusDelete: Database.Statement;
+  readonly #statusAll: Database.Statement;
 
   constructor(opts: MirrorOptions) {
     this.#o = { pageSize: 2000, heartbeatMs: 1000, retryMs: 100, ...opts };
     this.#log = opts.log;
     this.store = new CatalogStore(opts.path);
+    this.store.db.exec('CREATE TABLE IF NOT EXISTS host_status (id TEXT PRIMARY KEY, body TEXT NOT NULL)');
+    this.#statusPut = this.store.db.prepare('INSERT OR REPLACE INTO host_status (id, body) VALUES (?, ?)');
+    this.#statusDelete = this.store.db.prepare('DELETE FROM host_status WHERE id = ?');
+    this.#statusAll = this.store.db.prepare('SELECT body FROM host_status ORDER BY id');
     this.#applied = this.store.revision();
+  }
+
+  /** Each registered host's last reported mirror status, from this copy. */
+  hostStatuses(): HostMirrorStatus[] {
+    return (this.#statusAll.all() as Array<{ body: string }>).map((r) => JSON.parse(r.body) as HostMirrorStatus);
   }
 
   /** The etcd revision this copy reflects: every change up to it is applied, none after it. */
@@ -248,9 +296,16 @@ export class Mirror {
   }
 
   #applyEvent(ev: IEvent): CatalogChange | undefined {
-    const where = decodeKey(this.#o.prefix, ev.kv.key.toString());
-    if (!where) return undefined;
+    const key = ev.kv.key.toString();
     const isDelete = String(ev.type) === 'Delete' || Number(ev.type) === 1;
+    const statusOf = hostStatusIdOf(this.#o.prefix, key);
+    if (statusOf !== undefined) {
+      if (isDelete) this.#statusDelete.run(statusOf);
+      else this.#putHostStatus(statusOf, ev.kv);
+      return undefined;
+    }
+    const where = decodeKey(this.#o.prefix, key);
+    if (!where) return undefined;
     const s = this.store;
     if (isDelete) {
       const id = where.id;
@@ -282,6 +337,20 @@ export class Mirror {
       case 'lease': s.putLease(row.value, row.body); return { kind: 'lease', op: 'put', key: row.value.machine_id, value: row.value };
       case 'host': s.putHost(row.value, row.body); return { kind: 'host', op: 'put', key: row.value.id, value: row.value };
     }
+  }
+
+  /** Stores a host's reported mirror status if it is valid (logged and left out otherwise). */
+  #putHostStatus(id: string, kv: IKeyValue): boolean {
+    let r: ReturnType<typeof hostMirrorStatusSchema.safeParse> | undefined;
+    try {
+      r = hostMirrorStatusSchema.safeParse(JSON.parse(kv.value.toString()));
+    } catch { /* not JSON: reported below */ }
+    if (!r?.success || r.data.host_id !== id) {
+      this.#log.error({ key: kv.key.toString() }, 'host status in the catalog is not valid; ignored');
+      return false;
+    }
+    this.#statusPut.run(id, JSON.stringify(r.data));
+    return true;
   }
 
   /** Validates a value read from etcd; an invalid one is logged and left out of the copy. */
@@ -334,6 +403,7 @@ export class Mirror {
     let from = Buffer.from(this.#o.prefix);
     let pinned: string | undefined;
     const rows: Row[] = [];
+    const statuses: Array<{ id: string; kv: IKeyValue }> = [];
     let parseMs = 0;
     const page = (from: Buffer, revision: string | undefined) => this.#o.client.kv.range({
       key: from, range_end: end, limit: this.#o.pageSize, ...(revision !== undefined ? { revision } : {}),
@@ -352,6 +422,11 @@ export class Mirror {
       }
       const p0 = performance.now();
       for (const kv of res.kvs) {
+        const statusOf = hostStatusIdOf(this.#o.prefix, kv.key.toString());
+        if (statusOf !== undefined) {
+          statuses.push({ id: statusOf, kv });
+          continue;
+        }
         const where = decodeKey(this.#o.prefix, kv.key.toString());
         const row = where && this.#parse(where, kv);
         if (row) rows.push(row);
@@ -373,6 +448,8 @@ export class Mirror {
     const changes: CatalogChange[] = [];
     s.transaction(() => {
       s.clearRows();
+      s.db.exec('DELETE FROM host_status');
+      for (const st of statuses) this.#putHostStatus(st.id, st.kv);
       for (const row of rows) {
         const change = this.#put(row);
         if (!before || !change || row.table === 'token') continue;

@@ -26,7 +26,8 @@ export type Command =
   | { name: 'machine restart'; app: string; id: string; signal?: string; timeout?: string | number; detach: boolean; waitTimeout: number }
   | { name: 'machine destroy'; app: string; id: string; force: boolean }
   | { name: 'logs'; app: string; machine?: string; follow: boolean }
-  | { name: 'status'; app: string }
+  | { name: 'status'; app: string; hosts?: never }
+  | { name: 'status'; hosts: true; app?: never }
   | { name: 'version' };
 
 export type CommandName = Command['name'];
@@ -141,7 +142,15 @@ export const commands: CommandSpec[] = [
     },
     examples: ['tarmac logs -a hello --follow'],
   },
-  { name: 'status', summary: 'Show an app and its machines', args: [], flags: { app: appFlag } },
+  {
+    name: 'status', summary: 'Show an app and its machines, or with --hosts every host of the fleet',
+    args: [],
+    flags: {
+      app: appFlag,
+      hosts: { type: 'boolean', description: 'Show every host: region, roles, machines, and its catalog copy\'s revision, lag and staleness (admin token)' },
+    },
+    examples: ['tarmac status -a hello', 'tarmac status --hosts'],
+  },
   { name: 'version', summary: 'Print the version of tarmac', args: [], flags: {} },
 ];
 
@@ -291,7 +300,14 @@ function parseFor(spec: CommandSpec, args: string[], env: Readonly<Record<string
       command = { name: spec.name, app: app(), follow: bool('follow'), ...(machine !== undefined ? { machine } : {}) };
       break;
     }
-    case 'status': command = { name: spec.name, app: app() }; break;
+    case 'status':
+      if (bool('hosts')) {
+        if (str('app') !== undefined) throw new UsageError(`--hosts shows the whole fleet and takes no --app. ${hint}`);
+        command = { name: spec.name, hosts: true };
+      } else {
+        command = { name: spec.name, app: app() };
+      }
+      break;
     case 'version': command = { name: spec.name }; break;
   }
   if (global.apiUrl !== undefined) usage(() => checkApiUrl(global.apiUrl!));

@@ -107,6 +107,9 @@ describe('parsing', () => {
     assert.deepEqual(run(['logs', '-a', 'x']).command, { name: 'logs', app: 'x', follow: false });
     assert.deepEqual(run(['logs', '-a', 'x', '--machine', 'abc', '-f']).command, { name: 'logs', app: 'x', machine: 'abc', follow: true });
     assert.deepEqual(run(['status', '-a', 'x']).command, { name: 'status', app: 'x' });
+    assert.deepEqual(run(['status', '--hosts']).command, { name: 'status', hosts: true });
+    assert.deepEqual(run(['status', '--hosts', '--json']).global, { json: true });
+    assert.throws(() => parseCommandLine(['status', '--hosts', '-a', 'x'], {}), /takes no --app/);
     assert.deepEqual(run(['version']).command, { name: 'version' });
     assert.deepEqual(run(['--version']).command, { name: 'version' });
   });

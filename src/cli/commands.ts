@@ -6,7 +6,7 @@ import { TarmacError } from '../shared/errors.ts';
 import { UsageError, type Command, type GlobalOptions } from './args.ts';
 import { resolveApiConfig } from './config.ts';
 import {
-  appDetails, appsTable, eventsTable, logLine, machineDetails, machinesTable, servicesLabel, shouldColor, type Style,
+  appDetails, appsTable, eventsTable, hostsTable, logLine, machineDetails, machinesTable, servicesLabel, shouldColor, type Style,
 } from './format.ts';
 import { Progress } from './progress.ts';
 
@@ -150,6 +150,13 @@ async function dispatch(cmd: Command, client: TarmacClient, out: Out): Promise<n
     }
     case 'logs': return logs(cmd, client, out);
     case 'status': {
+      if (cmd.hosts) {
+        const res = await client.listHosts();
+        if (out.json) await out.doc(res);
+        else if (res.hosts.length === 0) await out.write('No hosts are registered\n');
+        else await out.write(hostsTable(res, style));
+        return 0;
+      }
       const [app, machines] = await Promise.all([client.getApp(cmd.app), client.listMachines(cmd.app)]);
       if (out.json) {
         await out.doc({ app, machines });

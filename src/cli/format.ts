@@ -1,5 +1,5 @@
 // Output for people: aligned tables, machine details, event and log lines; colour only on a terminal.
-import type { AppResponse, LogEntry, MachineEventResponse, MachineResponse } from '../client/index.ts';
+import type { AppResponse, ListHostsResponse, LogEntry, MachineEventResponse, MachineResponse } from '../client/index.ts';
 
 export interface Style {
   color: boolean;
@@ -92,6 +92,27 @@ export function machinesTable(machines: readonly MachineResponse[], style: Style
     machines.map((m) => [m.id, m.name, colorState(style, m.state), m.region, imageLabel(m), m.private_ip ?? '', ago(m.updated_at, now)]),
     style,
   );
+}
+
+/** "850ms", "4.2s", "3m10s": how stale a catalog copy is. */
+export function staleLabel(ms: number): string {
+  if (ms < 1000) return `${Math.round(ms)}ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)}s`;
+  const s = Math.round(ms / 1000);
+  return s < 3600 ? `${Math.floor(s / 60)}m${s % 60}s` : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`;
+}
+
+/** The fleet's hosts with their catalog copies; a copy behind or stale (over 3 s) is shown in yellow. */
+export function hostsTable(res: ListHostsResponse, style: Style, now = Date.now()): string {
+  const rows = res.hosts.map((h) => {
+    const lag = h.lag === null ? '-' : h.lag > 0 ? paint(style, 'yellow', String(h.lag)) : '0';
+    const stale = h.staleness_ms === null ? '-' : h.staleness_ms > 3000 ? paint(style, 'yellow', staleLabel(h.staleness_ms)) : staleLabel(h.staleness_ms);
+    return [
+      h.id, h.region, h.roles.join(','), String(h.machines), `${h.capacity.cpus} cpu ${h.capacity.memory_mb} MB`,
+      h.revision === null ? '-' : String(h.revision), lag, stale, h.last_seen === null ? 'never' : ago(h.last_seen, now),
+    ];
+  });
+  return table(['host', 'region', 'roles', 'machines', 'capacity', 'revision', 'lag', 'stale', 'last seen'], rows, style);
 }
 
 /** Short human text for an event's details (exit codes, pull progress, …) taken from its `request`. */

@@ -156,6 +156,33 @@ export interface NonceOption {
   nonce?: string;
 }
 
+/** One host of the fleet in `GET /v1/hosts` (a Tarmac extension). Mirror fields are null until the host has reported. */
+export interface HostResponse {
+  id: string;
+  region: string;
+  roles: Array<'edge' | 'worker' | 'api'>;
+  address: string;
+  host_number: number;
+  capacity: { cpus: number; memory_mb: number };
+  /** Machines placed on the host (not destroyed). */
+  machines: number;
+  /** Catalog revision the host's local copy had applied when it last reported. */
+  revision: number | null;
+  /** Revisions of fleet state the host had not applied, counted from the newest the answering host knows. */
+  lag: number | null;
+  /** Milliseconds since the host's copy had last heard from the catalog, when it reported. */
+  staleness_ms: number | null;
+  /** When the host last reported (ISO time). */
+  last_seen: string | null;
+}
+
+export interface ListHostsResponse {
+  total_hosts: number;
+  /** The newest revision of fleet state the answering host knows (what `lag` counts from). */
+  revision: number;
+  hosts: HostResponse[];
+}
+
 /** A non-2xx answer from the API (status 0: the API could not be reached). */
 export class ApiError extends Error {
   override readonly name = 'ApiError';
@@ -291,6 +318,13 @@ export class TarmacClient {
 
   async releaseLease(app: string, id: string, nonce: string): Promise<void> {
     await this.#json('DELETE', `${this.#m(app, id)}/lease`, { nonce });
+  }
+
+  // ---- fleet (Tarmac extensions) ----
+
+  /** Every registered host with its catalog copy's revision, lag and staleness (admin token only). */
+  listHosts(): Promise<ListHostsResponse> {
+    return this.#json('GET', '/v1/hosts');
   }
 
   // ---- logs ----

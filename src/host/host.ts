@@ -3,13 +3,14 @@ import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
-import { openEtcdCatalog, openSqliteCatalog, type Catalog, type Host, type HostRegistration } from '../catalog/index.ts';
+import { openEtcdCatalog, openSqliteCatalog, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
 import { startProxy, type RunningProxy } from '../proxy/index.ts';
 import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, type Driver } from '../orchestrator/index.ts';
 import { hashToken, newToken } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
 import type { HostConfig } from './config.ts';
+import { EtcdFleetStatus } from './fleet-status.ts';
 import { ensureSystemPackages, findBinary } from './system.ts';
 
 export interface RunningHost {
@@ -35,7 +36,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     await ensureHostFirewall(); // machines reach neither the host nor each other, from before the first one starts
   }
 
-  const catalog = await openCatalog(config, log);
+  const { catalog, etcd } = await openCatalog(config, log);
   const closers: Array<() => Promise<void>> = [() => catalog.close()];
   const close = async () => {
     for (const c of closers.reverse()) await c().catch((e: unknown) => log.error({ err: e }, 'shutdown step failed'));
@@ -43,8 +44,20 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
   try {
     const hostId = await hostIdentity(dataDir, config);
     const adminToken = await ensureAdmin(catalog, dataDir, env);
-    const { host, registration } = await registerHost(catalog, dataDir, hostId, config);
-    closers.push(() => registration.close());
+    const host = await hostRow(catalog, dataDir, hostId, config);
+    let fleet: EtcdFleetStatus | undefined;
+    if (etcd) {
+      // Registered with etcd: the registration also carries this host's report of its catalog copy.
+      const registration = await etcd.registerHost(host, config.host_ttl_seconds);
+      closers.push(() => registration.close());
+      const f = new EtcdFleetStatus(etcd, hostId, registration, log.child({ component: 'fleet-status' }));
+      f.start();
+      closers.push(() => f.close());
+      fleet = f;
+    } else {
+      const registration: HostRegistration = await catalog.registerHost(host, config.host_ttl_seconds);
+      closers.push(() => registration.close());
+    }
     log.info({ host: hostId, region: config.region, roles: config.roles, data_dir: dataDir }, 'host starting');
 
     let orchestrator: Orchestrator | undefined;
@@ -69,6 +82,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
       const o = orchestrator;
       api = await startApi({
         catalog, listen: config.api, log: log.child({ component: 'api' }), region: config.region, adminToken,
+        ...(fleet ? { fleet } : {}),
         ...(o ? {
           workers: {
             signal: (id: string, sig: string) => o.signal(id, sig),
@@ -125,15 +139,14 @@ async function ensureAdmin(catalog: Catalog, dataDir: string, env: NodeJS.Proces
   return token;
 }
 
-async function registerHost(catalog: Catalog, dataDir: string, id: string, config: HostConfig): Promise<{ host: Host; registration: HostRegistration }> {
-  const host: Host = {
+async function hostRow(catalog: Catalog, dataDir: string, id: string, config: HostConfig): Promise<Host> {
+  return {
     id, region: config.region, roles: [...config.roles],
     host_number: await hostNumber(catalog, dataDir),
     cpus: config.capacity.cpus || cpus().length,
     memory_mb: config.capacity.memory_mb || Math.floor(totalmem() / 2 ** 20),
     address: config.api.host, updated_at: new Date().toISOString(),
   };
-  return { host, registration: await catalog.registerHost(host, config.host_ttl_seconds) };
 }
 
 /** This host's number, kept in the data dir: with etcd the host row vanishes with its lease, the number must not. */
@@ -147,10 +160,11 @@ async function hostNumber(catalog: Catalog, dataDir: string): Promise<number> {
 }
 
 /** The catalog backend the config names: the embedded SQLite file, or etcd mirrored into a local SQLite file. */
-async function openCatalog(config: HostConfig, log: Logger): Promise<Catalog> {
-  if (config.catalog === 'sqlite') return openSqliteCatalog(join(config.data_dir, 'catalog.sqlite'));
+async function openCatalog(config: HostConfig, log: Logger): Promise<{ catalog: Catalog; etcd?: EtcdCatalog }> {
+  if (config.catalog === 'sqlite') return { catalog: openSqliteCatalog(join(config.data_dir, 'catalog.sqlite')) };
   const endpoints = config.catalog.slice('etcd://'.length).split(',');
-  return openEtcdCatalog({ endpoints, mirrorPath: join(config.data_dir, 'catalog-mirror.sqlite'), log: log.child({ component: 'catalog' }) });
+  const etcd = await openEtcdCatalog({ endpoints, mirrorPath: join(config.data_dir, 'catalog-mirror.sqlite'), log: log.child({ component: 'catalog' }) });
+  return { catalog: etcd, etcd };
 }
 
 /**
