@@ -10,6 +10,7 @@
 //   <prefix>events/<machine>/<event id>        MachineEvent   (API and worker; never rewritten)
 //   <prefix>leases/<machine>                   Lease          (API; CAS on mod_revision)
 //   <prefix>hosts/<id>                         Host           (that host, under an etcd lease with keepalive)
+//   <prefix>host-status/<id>                   mirror report  (that host, same lease: applied revision, staleness)
 //   <prefix>counters/network                   next number    (CAS on mod_revision)
 //   <prefix>counters/machine-number/<host>     next number    (CAS on mod_revision)
 //
