@@ -196,7 +196,7 @@ export abstract class OciRuntimeDriver implements Driver {
     if (!(await exists(spec.netnsPath))) throw new TarmacError('failed_precondition', `network namespace ${spec.netnsPath} does not exist`);
     if (!(await exists(this.tini))) throw new TarmacError('failed_precondition', `${this.tini} is missing: apt-get install tini`);
     // A leftover instance with the same id (crash mid-start) would make create fail: clear it first.
-    if ((await exists(p.saved)) || (await exists(p.rootfs)) || (await this.runtimeState(id)) !== undefined) {
+    if ((await exists(p.saved)) || (await exists(p.rootfs)) || (await this.hasRuntimeState(id))) {
       log.warn({ stateDir: spec.stateDir }, 'removing a leftover instance before start');
       await this.remove(spec.id, spec.stateDir);
     }
@@ -423,6 +423,14 @@ export abstract class OciRuntimeDriver implements Driver {
   }
 
   /** `runtime state` status ("created", "running", "stopped", …) or undefined when the runtime does not know the id. */
+  /**
+   * Whether the runtime still holds state for a container, checked without spawning it: runc and crun keep one
+   * directory per container under --root. Runtimes with another layout override this.
+   */
+  protected async hasRuntimeState(containerId: string): Promise<boolean> {
+    return exists(join(this.root, containerId));
+  }
+
   protected async runtimeState(containerId: string): Promise<string | undefined> {
     try {
       const { stdout } = await this.runtime(['state', containerId]);

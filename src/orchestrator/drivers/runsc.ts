@@ -77,4 +77,9 @@ export class RunscDriver extends OciRuntimeDriver {
     await writeFile(wrapper, ['#!/bin/sh', 'set -e', ...procs, `exec ${nsenter} --net=${spec.netnsPath} ${runsc} "$@"`, ''].join('\n'), { mode: 0o755 });
     return wrapper;
   }
+
+  /** runsc keeps its state in files named after the sandbox, not a directory per container: ask it. */
+  protected override async hasRuntimeState(containerId: string): Promise<boolean> {
+    return (await this.runtimeState(containerId)) !== undefined;
+  }
 }
