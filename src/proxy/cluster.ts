@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url';
 import type { App, ChangeBatch, Host, Machine } from '../catalog/index.ts';
 import { TarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
-import type { ProxyOptions, ProxyTimeouts, RunningProxy } from './proxy.ts';
+import type { ProxyLimits, ProxyOptions, ProxyTimeouts, RunningProxy } from './proxy.ts';
 import { RouteIndex, type RoutingTable } from './routing.ts';
 
 export interface ProxyClusterOptions extends ProxyOptions {
@@ -22,6 +22,7 @@ export interface WorkerProxyOptions {
   appsDomain?: string;
   region?: string;
   timeouts?: ProxyTimeouts;
+  limits?: ProxyLimits;
   logLevel: string;
 }
 
@@ -110,6 +111,7 @@ class ProxyCluster implements RunningProxy {
         if (this.#opts.appsDomain !== undefined) options.appsDomain = this.#opts.appsDomain;
         if (this.#opts.region !== undefined) options.region = this.#opts.region;
         if (this.#opts.timeouts !== undefined) options.timeouts = this.#opts.timeouts;
+        if (this.#opts.limits !== undefined) options.limits = this.#opts.limits;
         // One synchronous read: consistent with the batches that follow it on this channel.
         const init: ToWorker = { t: 'init', options, revision: c.revision(), apps: c.listApps(), machines: c.listMachines(), hosts: c.listHosts() };
         w.send(init);

@@ -20,6 +20,8 @@ export const proxyErrorStatus = {
   backend_error: 502,
   /** The machine did not send response headers in time. */
   backend_timeout: 504,
+  /** Every machine of the app is at its hard concurrency limit and the request's wait in the queue ran out (or the queue is full). */
+  over_capacity: 503,
   /** The proxy is shutting down. */
   shutting_down: 503,
 } as const;
@@ -47,11 +49,12 @@ export function sendProxyError(res: ServerResponse, code: ProxyErrorCode, messag
 }
 
 /** Answers a connection whose request node:http could not parse, then closes it. */
-export function sendClientError(socket: Socket, code: ProxyErrorCode, message: string): void {
+export function sendClientError(socket: Socket, code: ProxyErrorCode, message: string, requestId?: string): void {
   const status = proxyErrorStatus[code];
   const body = `${message}\n`;
+  const id = requestId === undefined ? '' : `fly-request-id: ${requestId}\r\n`;
   socket.end(
     `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\n`
-    + `content-length: ${Buffer.byteLength(body)}\r\n${proxyErrorHeader}: ${code}\r\n\r\n${body}`,
+    + `content-length: ${Buffer.byteLength(body)}\r\n${proxyErrorHeader}: ${code}\r\n${id}\r\n${body}`,
   );
 }

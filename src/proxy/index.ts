@@ -1,8 +1,10 @@
 // The proxy's public face: start the HTTP proxy over a catalog reader; its routing table and request events.
-export { startProxy, proxyRequestChannel } from './proxy.ts';
-export type { ProxyOptions, ProxyTimeouts, RunningProxy, ProxyRequestEvent } from './proxy.ts';
+export { startProxy, proxyRequestChannel, proxyQueueChannel } from './proxy.ts';
+export type { ProxyOptions, ProxyTimeouts, ProxyLimits, RunningProxy, ProxyRequestEvent, ProxyQueueEvent } from './proxy.ts';
 export { startProxyCluster } from './cluster.ts';
 export type { ProxyClusterOptions } from './cluster.ts';
 export type { AppRoute, Backend, RouteSource, RoutingTable } from './routing.ts';
+export { defaultConcurrency } from './routing.ts';
 export { proxyErrorStatus, proxyErrorHeader } from './errors.ts';
 export type { ProxyErrorCode } from './errors.ts';
+export { proxyMetrics, metricsHandler, trackProxyMetrics } from './metrics.ts';

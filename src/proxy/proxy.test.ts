@@ -176,7 +176,7 @@ test('only started machines with an http service on port 80 are routed; otherwis
   assert.equal(b.hits, 0);
 });
 
-test('requests spread over all three started machines', async (t) => {
+test('requests spread over all three started machines (equally loaded ones are picked at random)', async (t) => {
   const c = await tempCatalog(t);
   await app(c, 'web');
   const bs = [];
@@ -187,8 +187,11 @@ test('requests spread over all three started machines', async (t) => {
   }
   const proxy = await proxyFor(t, c);
   const ag = agent(t);
-  for (let i = 0; i < 30; i++) assert.equal((await get(ag, proxy, 'web.localhost')).status, 200);
-  assert.deepEqual(bs.map((b) => b.hits), [10, 10, 10]);
+  // One at a time every machine has nothing in flight, so each pick is a random tie: 90 requests miss one of three
+  // machines with probability about 3·(2/3)^90 ≈ 4e-16.
+  for (let i = 0; i < 90; i++) assert.equal((await get(ag, proxy, 'web.localhost')).status, 200);
+  assert.ok(bs.every((b) => b.hits > 0), `hits: ${bs.map((b) => b.hits).join(',')}`);
+  assert.equal(bs.reduce((n, b) => n + b.hits, 0), 90);
 });
 
 test('a machine that stops leaves the table, a new one joins, and a streaming request spanning the swap completes', async (t) => {

@@ -1,7 +1,7 @@
 // The HTTP/1.1 proxy: node:http in, one undici Pool per machine out, routed by Host from the in-memory table.
 import { channel } from 'node:diagnostics_channel';
 import { randomBytes } from 'node:crypto';
-import { createServer, IncomingMessage, ServerResponse, type Server } from 'node:http';
+import { createServer, request as httpRequest, IncomingMessage, ServerResponse, type ClientRequest, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Pool, type Dispatcher } from 'undici';
@@ -9,7 +9,7 @@ import type { ChangeBatch } from '../catalog/index.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { type ProxyErrorCode, sendClientError, sendProxyError } from './errors.ts';
-import { addForwarding, clientAddress, type ForwardingConstants, readRequestHead, responseHeaders } from './headers.ts';
+import { addForwarding, clientAddress, type ForwardingConstants, hopByHop, readRequestHead, type RequestHead, responseHeaders } from './headers.ts';
 import { type AppRoute, type Backend, RouteIndex, type RouteSource, type RoutingTable } from './routing.ts';
 
 /** Timeouts in milliseconds; every one has a default. */
@@ -28,6 +28,16 @@ export interface ProxyTimeouts {
   keepAliveMs?: number;
   /** How long close() waits for in-flight requests before cutting them. Default 10 s. */
   drainMs?: number;
+  /** How long a request waits for a machine below its hard concurrency limit before a 503. Default 10 s. */
+  queueMs?: number;
+}
+
+/** Limits on what a client may send and how much may wait; every one has a default. */
+export interface ProxyLimits {
+  /** Most request header fields accepted (431 above). Default 100, like HAProxy's. */
+  maxHeaders?: number;
+  /** Requests of one app that may wait while every machine is at its hard limit (503 beyond). Default 100. */
+  queuePerApp?: number;
 }
 
 export interface ProxyOptions {
@@ -42,6 +52,7 @@ export interface ProxyOptions {
   /** Region of this host, sent as Fly-Region. Default 'local'. */
   region?: string;
   timeouts?: ProxyTimeouts;
+  limits?: ProxyLimits;
 }
 
 export interface RunningProxy {
@@ -68,9 +79,26 @@ export interface ProxyRequestEvent {
   /** Machines tried (0 when the proxy answered itself). */
   readonly attempts: number;
   readonly durationMs: number;
+  /** Response body bytes relayed from the machine (0 for tunnels and the proxy's own answers). */
+  readonly responseBytes: number;
 }
 
 const requestEvents = channel(proxyRequestChannel);
+
+/** Name of the diagnostics channel carrying a ProxyQueueEvent whenever an app's queue grows or shrinks. */
+export const proxyQueueChannel = 'tarmac:proxy:queue';
+
+/** Published on `tarmac:proxy:queue`: how many requests of an app now wait for a machine below its hard limit. */
+export interface ProxyQueueEvent {
+  readonly app: string;
+  readonly queued: number;
+}
+
+const queueEvents = channel(proxyQueueChannel);
+
+function publishQueue(app: string, queued: number): void {
+  if (queueEvents.hasSubscribers) queueEvents.publish({ app, queued } satisfies ProxyQueueEvent);
+}
 
 const defaults: Required<ProxyTimeouts> = {
   backendHeadersMs: 60_000,
@@ -80,7 +108,10 @@ const defaults: Required<ProxyTimeouts> = {
   clientRequestMs: 300_000,
   keepAliveMs: 30_000,
   drainMs: 10_000,
+  queueMs: 10_000,
 };
+
+const defaultLimits: Required<ProxyLimits> = { maxHeaders: 100, queuePerApp: 100 };
 
 /** Errors that say nothing about reaching a machine: never retried elsewhere. */
 const notNetworkErrors: ReadonlySet<string> = new Set([
@@ -96,6 +127,8 @@ const clientClosed = new ClientClosedError('the client closed the connection');
 /** node:http's response with the per-request state the proxy needs, so listeners can be shared functions. */
 class ProxyResponse extends ServerResponse<IncomingMessage> {
   exchange: Exchange | null = null;
+  /** Set while the request waits in its app's queue. */
+  waiter: Waiter | null = null;
   requestId = '';
   host: string | undefined = undefined;
   app: string | undefined = undefined;
@@ -111,6 +144,7 @@ function errorCodeOf(err: Error): string {
 /** One client request forwarded to a machine: the undici dispatch handler, streaming both ways. */
 class Exchange implements Dispatcher.DispatchHandler {
   attempts = 0;
+  bytes = 0;
   connected = false;
   done = false;
   clientGone = false;
@@ -122,7 +156,9 @@ class Exchange implements Dispatcher.DispatchHandler {
     readonly req: IncomingMessage,
     readonly res: ProxyResponse,
     readonly app: string,
+    /** Acquired by the caller (counted in its `inflight`); released when the response closes. */
     public backend: Backend,
+    readonly path: string,
     readonly headers: string[],
     readonly hasBody: boolean,
   ) {}
@@ -132,7 +168,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.connected = false;
     this.abort = null;
     this.proxy.poolFor(this.backend).dispatch({
-      path: this.req.url ?? '/',
+      path: this.path,
       method: this.req.method ?? 'GET',
       headers: this.headers,
       body: this.hasBody ? this.req : null,
@@ -164,6 +200,7 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   onData(chunk: Buffer): boolean {
+    this.bytes += chunk.length;
     return this.res.write(chunk);
   }
 
@@ -185,6 +222,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (unreachable && this.attempts < 2) {
       const next = this.proxy.pickOther(this.app, this.backend);
       if (next !== undefined) {
+        this.proxy.release(this.backend);
         this.backend = next;
         this.send();
         return;
@@ -207,6 +245,223 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 }
 
+/** An Upgrade request (WebSocket): forwarded with its head to a machine, then both sockets spliced until either closes. */
+class Tunnel {
+  readonly requestId: string;
+  readonly startedAt = performance.now();
+  host: string | undefined = undefined;
+  app: string | undefined = undefined;
+  backend: Backend | undefined = undefined;
+  attempts = 0;
+  status = 0;
+  error: ProxyErrorCode | 'client_closed' | undefined = undefined;
+  #waiter: Waiter | undefined = undefined;
+  #upReq: ClientRequest | undefined = undefined;
+  #upstream: Socket | undefined = undefined;
+  #clientOpen = true;
+  #upstreamOpen = false;
+  #finished = false;
+  #path = '/';
+  #headers: string[] = [];
+
+  constructor(readonly proxy: HttpProxy, readonly req: IncomingMessage, readonly client: Socket, readonly head: Buffer) {
+    this.requestId = proxy.nextRequestId();
+    client.on('error', () => client.destroy());
+    client.on('close', () => {
+      this.#clientOpen = false;
+      if (this.#waiter !== undefined) {
+        proxy.dequeue(this.#waiter);
+        this.#waiter = undefined;
+      }
+      if (this.status === 0 && this.error === undefined) this.error = 'client_closed';
+      if (this.#upstream !== undefined) closeSoon(this.#upstream);
+      else this.#upReq?.destroy();
+      this.#maybeFinish();
+    });
+  }
+
+  begin(): void {
+    const { proxy, req } = this;
+    const head = readRequestHead(req.rawHeaders);
+    this.host = head.host;
+    if (proxy.closing) return this.#fail('shutting_down', 'the proxy is shutting down; retry');
+    const a = proxy.admit(req, head);
+    if (!a.ok) {
+      this.app = a.app;
+      return this.#fail(a.code, a.message);
+    }
+    this.app = a.route.app;
+    if (head.hasBody) return this.#fail('bad_request', 'bad request: an Upgrade request cannot carry a body');
+    this.#path = a.path;
+    const headers = head.headers;
+    addForwarding(headers, clientAddress(this.client.remoteAddress), head.forwardedFor, this.requestId, proxy.forwarding);
+    headers.push('connection', 'upgrade', 'upgrade', req.headers.upgrade ?? '');
+    this.#headers = headers;
+    const w: Waiter = {
+      app: a.route.app,
+      timer: undefined,
+      start: (b) => {
+        this.#waiter = undefined;
+        this.#connect(b);
+      },
+      fail: (code, message) => {
+        this.#waiter = undefined;
+        this.#fail(code, message);
+      },
+    };
+    this.#waiter = w;
+    proxy.dispatch(a.route, w);
+  }
+
+  /** Cuts both sides now (the drain timeout ran out). */
+  destroy(): void {
+    this.#upReq?.destroy();
+    this.#upstream?.destroy();
+    this.client.destroy();
+  }
+
+  #connect(b: Backend): void {
+    if (!this.#clientOpen) {
+      // The client left while this backend was being handed over: give it back.
+      if (this.#finished) this.proxy.release(b);
+      else {
+        this.backend = b;
+        this.#maybeFinish();
+      }
+      return;
+    }
+    this.backend = b;
+    this.attempts++;
+    const t = this.proxy.timeouts;
+    const up = httpRequest({
+      host: b.address, port: b.port, method: this.req.method ?? 'GET', path: this.#path, headers: this.#headers, setHost: false, agent: false,
+    });
+    this.#upReq = up;
+    let connected = false;
+    let timedOut = false;
+    let timer = setTimeout(() => {
+      timedOut = true;
+      up.destroy();
+    }, t.backendConnectMs);
+    up.on('socket', (s: Socket) => s.once('connect', () => {
+      connected = true;
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        timedOut = true;
+        up.destroy();
+      }, t.backendHeadersMs);
+    }));
+    up.on('upgrade', (res: IncomingMessage, socket: Socket, upHead: Buffer) => {
+      clearTimeout(timer);
+      this.#splice(res, socket, upHead);
+    });
+    up.on('response', (res: IncomingMessage) => {
+      clearTimeout(timer);
+      this.#refused(up, res);
+    });
+    up.on('error', () => {
+      clearTimeout(timer);
+      if (this.#upReq !== up || !this.#clientOpen || this.status !== 0) return;
+      if (!connected && this.attempts < 2 && this.app !== undefined) {
+        const next = this.proxy.pickOther(this.app, b);
+        if (next !== undefined) {
+          this.proxy.release(b);
+          this.#connect(next);
+          return;
+        }
+      }
+      if (!connected) this.#fail('backend_unreachable', `could not reach a machine of app ${this.app ?? ''}`);
+      else if (timedOut) this.#fail('backend_timeout', `a machine of app ${this.app ?? ''} did not answer in time`);
+      else this.#fail('backend_error', `a machine of app ${this.app ?? ''} closed the connection or sent an invalid response`);
+    });
+    up.end();
+  }
+
+  /** The machine switched protocols: relay its 101 and splice the two sockets. */
+  #splice(res: IncomingMessage, upstream: Socket, upHead: Buffer): void {
+    const client = this.client;
+    this.#upstream = upstream;
+    this.#upstreamOpen = true;
+    upstream.on('error', () => {
+      upstream.destroy();
+      client.destroy();
+    });
+    upstream.on('close', () => {
+      this.#upstreamOpen = false;
+      closeSoon(client);
+      this.#maybeFinish();
+    });
+    if (!this.#clientOpen) {
+      upstream.destroy();
+      return;
+    }
+    this.status = res.statusCode ?? 101;
+    let out = `HTTP/1.1 ${this.status} ${res.statusMessage ?? ''}\r\n`;
+    const raw = res.rawHeaders;
+    for (let i = 0; i < raw.length; i += 2) out += `${raw[i]}: ${raw[i + 1]}\r\n`;
+    out += `fly-request-id: ${this.requestId}\r\nvia: 1.1 tarmac\r\n\r\n`;
+    client.write(out);
+    if (upHead.length > 0) client.write(upHead);
+    if (this.head.length > 0) upstream.write(this.head);
+    upstream.setNoDelay(true);
+    client.setNoDelay(true);
+    upstream.pipe(client);
+    client.pipe(upstream);
+  }
+
+  /** The machine answered without switching protocols: relay that answer and close. */
+  #refused(up: ClientRequest, res: IncomingMessage): void {
+    const client = this.client;
+    this.status = res.statusCode ?? 502;
+    let out = `HTTP/1.1 ${this.status} ${res.statusMessage ?? ''}\r\n`;
+    const raw = res.rawHeaders;
+    for (let i = 0; i < raw.length; i += 2) {
+      if (!hopByHop.has(raw[i]!.toLowerCase())) out += `${raw[i]}: ${raw[i + 1]}\r\n`;
+    }
+    out += `fly-request-id: ${this.requestId}\r\nvia: 1.1 tarmac\r\nconnection: close\r\n\r\n`;
+    client.write(out);
+    res.on('error', () => client.destroy());
+    res.on('end', () => up.destroy());
+    res.pipe(client);
+  }
+
+  #fail(code: ProxyErrorCode, message: string): void {
+    this.error = code;
+    if (this.#clientOpen && !this.client.destroyed) sendClientError(this.client, code, message, this.requestId);
+    if (this.#clientOpen) closeSoon(this.client);
+  }
+
+  #maybeFinish(): void {
+    if (this.#finished || this.#clientOpen || this.#upstreamOpen) return;
+    this.#finished = true;
+    if (this.backend !== undefined) this.proxy.release(this.backend);
+    if (requestEvents.hasSubscribers) {
+      const event: ProxyRequestEvent = {
+        requestId: this.requestId,
+        method: this.req.method ?? '',
+        host: this.host,
+        app: this.app,
+        machineId: this.backend?.machineId,
+        status: this.status,
+        error: this.error,
+        attempts: this.attempts,
+        durationMs: performance.now() - this.startedAt,
+        responseBytes: 0,
+      };
+      requestEvents.publish(event);
+    }
+    this.proxy.tunnelDone(this);
+  }
+}
+
+/** Ends a socket, and destroys it if the peer has not closed it a little later. */
+function closeSoon(s: Socket): void {
+  if (s.destroyed) return;
+  if (!s.writableEnded) s.end();
+  const timer = setTimeout(() => s.destroy(), 2_000);
+  s.once('close', () => clearTimeout(timer));
+}
+
 /** Most hosts repeat: their parsed app name is cached, up to this many distinct Host values. */
 const hostCacheLimit = 10_000;
 
@@ -214,7 +469,11 @@ class HttpProxy implements RunningProxy {
   closing = false;
   readonly #opts: ProxyOptions;
   readonly #t: Required<ProxyTimeouts>;
+  readonly #limits: Required<ProxyLimits>;
   readonly #log: Logger;
+  /** Requests waiting, per app, for a machine below its hard limit; oldest first. */
+  readonly #queues = new Map<string, Waiter[]>();
+  readonly #tunnels = new Set<Tunnel>();
   readonly #index: RouteIndex;
   #table: RoutingTable;
   readonly #pools = new Map<string, Pool>();
@@ -222,6 +481,7 @@ class HttpProxy implements RunningProxy {
   readonly #server: Server<typeof IncomingMessage, typeof ProxyResponse>;
   readonly #unsubscribe: () => void;
   readonly #suffix: string;
+  /** Host header value → app name, for valid hosts that name an app. */
   readonly #hostCache = new Map<string, string>();
   readonly #fwd: ForwardingConstants;
   readonly #idPrefix = randomBytes(6).toString('hex');
@@ -240,6 +500,7 @@ class HttpProxy implements RunningProxy {
     const proxy = this;
     this.#onResponseClose = function onResponseClose(this: ProxyResponse) { proxy.#responseClosed(this); };
     this.#t = { ...defaults, ...opts.timeouts };
+    this.#limits = { ...defaultLimits, ...opts.limits };
     this.#log = opts.log.child({ component: 'proxy' });
     this.#suffix = `.${(opts.appsDomain ?? 'localhost').toLowerCase().replace(/^\.+|\.+$/g, '')}`;
     const region = opts.region ?? 'local';
@@ -269,7 +530,10 @@ class HttpProxy implements RunningProxy {
       noDelay: true,
     }, (req, res) => this.#onRequest(req, res));
     this.#server.keepAliveTimeout = t.keepAliveMs;
+    // One more than the limit, so a request over it is seen (node:http silently drops fields past its count).
+    this.#server.maxHeadersCount = this.#limits.maxHeaders + 1;
     this.#server.on('clientError', (err: Error, socket: Socket) => this.#onClientError(err, socket));
+    this.#server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.#onUpgrade(req, socket, head));
   }
 
   get address(): { host: string; port: number } {
@@ -316,16 +580,135 @@ class HttpProxy implements RunningProxy {
     return pool;
   }
 
-  /** Another backend of the app from the current table, for a retry after a connect failure. */
+  get timeouts(): Required<ProxyTimeouts> {
+    return this.#t;
+  }
+
+  get forwarding(): ForwardingConstants {
+    return this.#fwd;
+  }
+
+  /** Another backend of the app below its hard limit, for a retry after a connect failure; acquired (counted) when found. */
   pickOther(app: string, failed: Backend): Backend | undefined {
     const route = this.#table.apps.get(app);
     if (route === undefined) return undefined;
-    const list = route.backends;
-    for (let n = 0; n < list.length; n++) {
-      const b = pick(route);
-      if (b.machineId !== failed.machineId && b.origin !== failed.origin) return b;
+    const b = choose(route.backends, failed);
+    if (b !== undefined) b.inflight++;
+    return b;
+  }
+
+  /** Gives back a backend's slot; a request of its app waiting in the queue may take it. */
+  release(b: Backend): void {
+    b.inflight--;
+    if (this.#queues.size !== 0 && this.#queues.has(b.app)) this.#drainQueue(b.app);
+  }
+
+  nextRequestId(): string {
+    return `${this.#idPrefix}${(++this.#seq).toString(36)}${this.#idSuffix}`;
+  }
+
+  /**
+   * Checks what routing relies on and finds the app: one Host, a valid one, a request target in origin form (or an
+   * absolute form naming the same host, forwarded in origin form), a bounded header count.
+   */
+  admit(req: IncomingMessage, head: RequestHead): Admission {
+    if (head.invalid !== undefined) return { ok: false, code: 'bad_request', message: `bad request: ${head.invalid}` };
+    if (req.rawHeaders.length > this.#limits.maxHeaders * 2) {
+      return { ok: false, code: 'headers_too_large', message: `too many request header fields (the limit is ${this.#limits.maxHeaders})` };
     }
-    return undefined;
+    const app = head.host === undefined ? undefined : this.#appOf(head.host);
+    if (app === false) return { ok: false, code: 'bad_request', message: 'bad request: invalid Host header' };
+    let path = req.url ?? '/';
+    if (path.charCodeAt(0) !== 47 /* / */) {
+      const m = absoluteForm.exec(path);
+      if (m === null) return { ok: false, code: 'bad_request', message: 'bad request: the request target must be a path or an absolute http URI' };
+      if (head.host === undefined || m[1]!.toLowerCase() !== head.host.toLowerCase()) {
+        return { ok: false, code: 'bad_request', message: 'bad request: the request target names a different host than the Host header' };
+      }
+      path = m[2] === '' ? '/' : m[2]!;
+      if (path.charCodeAt(0) === 63 /* ? */) path = `/${path}`;
+    }
+    const route = app === undefined ? undefined : this.#table.apps.get(app);
+    if (route === undefined) return { ok: false, code: 'app_not_found', message: `no app is served at host ${head.host ?? '(none)'}` };
+    if (route.backends.length === 0) return { ok: false, code: 'no_machine', message: `no started machine can serve app ${route.app}`, app: route.app };
+    return { ok: true, route, path };
+  }
+
+  /** Starts `w` on the least-loaded backend of `app`, or queues it while every backend is at its hard limit. */
+  dispatch(route: AppRoute, w: Waiter): void {
+    const b = choose(route.backends);
+    if (b !== undefined) {
+      b.inflight++;
+      w.start(b);
+      return;
+    }
+    let q = this.#queues.get(route.app);
+    if (q === undefined) this.#queues.set(route.app, (q = []));
+    if (q.length >= this.#limits.queuePerApp) {
+      if (q.length === 0) this.#queues.delete(route.app);
+      w.fail('over_capacity', `every machine of app ${route.app} is at its hard concurrency limit and ${this.#limits.queuePerApp} requests already wait; retry later, add machines or raise services.concurrency.hard_limit`);
+      return;
+    }
+    q.push(w);
+    publishQueue(route.app, q.length);
+    w.timer = setTimeout(() => {
+      this.dequeue(w);
+      w.fail('over_capacity', `every machine of app ${route.app} stayed at its hard concurrency limit for the ${this.#t.queueMs} ms the request waited; retry later, add machines or raise services.concurrency.hard_limit`);
+    }, this.#t.queueMs);
+  }
+
+  /** Removes a waiter from its queue (it timed out, or its client left). */
+  dequeue(w: Waiter): void {
+    clearTimeout(w.timer);
+    w.timer = undefined;
+    const q = this.#queues.get(w.app);
+    if (q === undefined) return;
+    const i = q.indexOf(w);
+    if (i === -1) return;
+    q.splice(i, 1);
+    if (q.length === 0) this.#queues.delete(w.app);
+    publishQueue(w.app, q.length);
+  }
+
+  #drainQueue(app: string): void {
+    const q = this.#queues.get(app);
+    if (q === undefined) return;
+    const route = this.#table.apps.get(app);
+    if (route === undefined || route.backends.length === 0) {
+      this.#queues.delete(app);
+      publishQueue(app, 0);
+      for (const w of q) {
+        clearTimeout(w.timer);
+        w.fail('no_machine', `no started machine can serve app ${app}`);
+      }
+      return;
+    }
+    const before = q.length;
+    while (q.length > 0) {
+      const b = choose(route.backends);
+      if (b === undefined) break;
+      const w = q.shift()!;
+      clearTimeout(w.timer);
+      w.timer = undefined;
+      b.inflight++;
+      w.start(b);
+    }
+    if (q.length === 0 && this.#queues.get(app) === q) this.#queues.delete(app);
+    if (q.length !== before) publishQueue(app, q.length);
+  }
+
+  /** Accounting shared by requests and tunnels when one is done. */
+  settled(): void {
+    this.#inflight--;
+    if (this.closing) {
+      this.#server.closeIdleConnections();
+      if (this.#inflight === 0) this.#drained?.();
+    }
+  }
+
+  tunnelDone(t: Tunnel): void {
+    this.#tunnels.delete(t);
+    this.settled();
   }
 
   #onRequest(req: IncomingMessage, res: ProxyResponse): void {
@@ -334,42 +717,71 @@ class HttpProxy implements RunningProxy {
     res.on('close', this.#onResponseClose);
     if (this.closing) res.shouldKeepAlive = false;
     const head = readRequestHead(req.rawHeaders);
-    const requestId = `${this.#idPrefix}${(++this.#seq).toString(36)}${this.#idSuffix}`;
+    const requestId = this.nextRequestId();
     res.requestId = requestId;
     res.host = head.host;
-    if (head.invalid !== undefined) {
-      res.errorCode = 'bad_request';
-      sendProxyError(res, 'bad_request', `bad request: ${head.invalid}`, requestId);
+    const a = this.admit(req, head);
+    if (!a.ok) {
+      res.app = a.app;
+      res.errorCode = a.code;
+      sendProxyError(res, a.code, a.message, requestId);
       return;
     }
-    const app = head.host === undefined ? undefined : this.#appOf(head.host);
-    res.app = app;
-    const route = app === undefined ? undefined : this.#table.apps.get(app);
-    if (route === undefined) {
-      res.errorCode = 'app_not_found';
-      sendProxyError(res, 'app_not_found', `no app is served at host ${head.host ?? '(none)'}`, requestId);
-      return;
-    }
-    if (route.backends.length === 0) {
-      res.errorCode = 'no_machine';
-      sendProxyError(res, 'no_machine', `no started machine can serve app ${route.app}`, requestId);
-      return;
-    }
+    const route = a.route;
+    res.app = route.app;
     addForwarding(head.headers, clientAddress(req.socket.remoteAddress), head.forwardedFor, requestId, this.#fwd);
-    const ex = new Exchange(this, req, res, route.app, pick(route), head.headers, head.hasBody);
-    res.exchange = ex;
-    res.on('drain', onResponseDrain);
-    ex.send();
+    const start = (b: Backend) => {
+      const ex = new Exchange(this, req, res, route.app, b, a.path, head.headers, head.hasBody);
+      res.exchange = ex;
+      res.on('drain', onResponseDrain);
+      ex.send();
+    };
+    const b = choose(route.backends);
+    if (b !== undefined) {
+      b.inflight++;
+      start(b);
+      return;
+    }
+    // Every machine is at its hard limit: wait in the app's queue.
+    const w: Waiter = {
+      app: route.app,
+      timer: undefined,
+      start: (next) => {
+        res.waiter = null;
+        start(next);
+      },
+      fail: (code, message) => {
+        res.waiter = null;
+        res.errorCode = code;
+        sendProxyError(res, code, message, requestId);
+      },
+    };
+    res.waiter = w;
+    this.dispatch(route, w);
+  }
+
+  #onUpgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
+    this.#inflight++;
+    const t = new Tunnel(this, req, socket, head);
+    this.#tunnels.add(t);
+    t.begin();
   }
 
   /** Runs once per response, when it is done or its client left: accounting, client aborts, the request event. */
   #responseClosed(res: ProxyResponse): void {
-    this.#inflight--;
     const ex = res.exchange;
-    if (ex !== null && !ex.done) {
-      ex.clientGone = true;
+    if (res.waiter !== null) {
+      this.dequeue(res.waiter);
+      res.waiter = null;
       res.errorCode = 'client_closed';
-      ex.abort?.(clientClosed);
+    }
+    if (ex !== null) {
+      if (!ex.done) {
+        ex.clientGone = true;
+        res.errorCode = 'client_closed';
+        ex.abort?.(clientClosed);
+      }
+      this.release(ex.backend);
     }
     if (requestEvents.hasSubscribers) {
       const event: ProxyRequestEvent = {
@@ -382,18 +794,18 @@ class HttpProxy implements RunningProxy {
         error: res.errorCode,
         attempts: ex?.attempts ?? 0,
         durationMs: performance.now() - res.startedAt,
+        responseBytes: ex?.bytes ?? 0,
       };
       requestEvents.publish(event);
     }
-    if (this.closing) {
-      this.#server.closeIdleConnections();
-      if (this.#inflight === 0) this.#drained?.();
-    }
+    this.settled();
   }
 
-  #appOf(host: string): string | undefined {
+  /** The app a Host names, undefined when it names none, false when it is not a valid Host value. */
+  #appOf(host: string): string | undefined | false {
     const cached = this.#hostCache.get(host);
     if (cached !== undefined) return cached;
+    if (!validHost.test(host)) return false;
     let end = host.length;
     if (host.charCodeAt(0) === 91 /* [ */) return undefined; // an IPv6 literal names no app
     const colon = host.indexOf(':');
@@ -420,6 +832,8 @@ class HttpProxy implements RunningProxy {
     if (this.closing || !this.#index.rebuild()) return;
     this.#table = this.#index.table;
     this.#closeStalePools();
+    // New or changed machines may take requests that wait.
+    for (const app of [...this.#queues.keys()]) this.#drainQueue(app);
     this.#log.debug({ version: this.#table.version, revision: this.#table.revision, apps: this.#table.apps.size }, 'routing table swapped');
   };
 
@@ -438,6 +852,12 @@ class HttpProxy implements RunningProxy {
   #onClientError(err: Error, socket: Socket): void {
     const code = errorCodeOf(err);
     const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+    if (pending && pending.req.complete && !pending.writableFinished && socket.writable && code !== 'ECONNRESET') {
+      // A pipelined request broke while an earlier one's response is still on its way: let that response finish,
+      // then close. A 400 written now would read as the earlier request's answer.
+      pending.shouldKeepAlive = false;
+      return;
+    }
     if (code === 'ECONNRESET' || !socket.writable || (pending && pending.headersSent)) {
       socket.destroy();
       return;
@@ -450,6 +870,14 @@ class HttpProxy implements RunningProxy {
   async #close(): Promise<void> {
     this.closing = true;
     this.#unsubscribe();
+    for (const [app, q] of [...this.#queues]) {
+      this.#queues.delete(app);
+      publishQueue(app, 0);
+      for (const w of q) {
+        clearTimeout(w.timer);
+        w.fail('shutting_down', 'the proxy is shutting down; retry');
+      }
+    }
     const server = this.#server;
     const serverClosed = new Promise<void>((resolve) => server.close(() => resolve()));
     server.closeIdleConnections();
@@ -462,6 +890,7 @@ class HttpProxy implements RunningProxy {
       clearTimeout(timer);
       if (this.#inflight > 0) this.#log.warn({ inflight: this.#inflight }, 'proxy drain timed out; cutting remaining requests');
     }
+    for (const t of this.#tunnels) t.destroy();
     server.closeAllConnections();
     const pools = [...this.#pools.values()];
     this.#pools.clear();
@@ -471,14 +900,48 @@ class HttpProxy implements RunningProxy {
   }
 }
 
-/** Round robin over an app's backends. */
-function pick(route: AppRoute): Backend {
-  const list = route.backends;
-  let i = route.cursor;
-  if (i >= list.length) i = 0;
-  route.cursor = i + 1;
-  return list[i]!;
+/**
+ * Fly's balancing on one host: a backend below its soft limit before one above it, then the fewest in flight, ties at
+ * random; none at or over its hard limit (undefined when every one is). `exclude` skips a machine that just failed.
+ */
+export function choose(backends: readonly Backend[], exclude?: Backend): Backend | undefined {
+  let best: Backend | undefined;
+  let bestScore = Infinity;
+  let ties = 0;
+  for (let i = 0; i < backends.length; i++) {
+    const b = backends[i]!;
+    const n = b.inflight;
+    if (n >= b.hardLimit) continue;
+    if (exclude !== undefined && (b.machineId === exclude.machineId || b.origin === exclude.origin)) continue;
+    const score = n >= b.softLimit ? n + 0x4000_0000 : n;
+    if (score < bestScore) {
+      best = b;
+      bestScore = score;
+      ties = 1;
+    } else if (score === bestScore && Math.random() * ++ties < 1) {
+      best = b;
+    }
+  }
+  return best;
 }
+
+/** A request routed to an app, waiting for (or handed) a backend slot. */
+interface Waiter {
+  readonly app: string;
+  timer: NodeJS.Timeout | undefined;
+  /** Called with a backend already counted in its `inflight`. */
+  start(b: Backend): void;
+  fail(code: ProxyErrorCode, message: string): void;
+}
+
+type Admission =
+  | { ok: true; route: AppRoute; path: string }
+  | { ok: false; code: ProxyErrorCode; message: string; app?: string };
+
+/** Host values that can name an app: a reg-name or IP literal and an optional port (RFC 3986 §3.2.2). */
+const validHost = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(?::[0-9]*)?$/;
+/** An absolute-form request target: its authority and the rest. */
+const absoluteForm = /^https?:\/\/([^/?#]*)(.*)$/i;
 
 function onResponseDrain(this: ProxyResponse): void {
   this.exchange?.resume?.();

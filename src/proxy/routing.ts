@@ -16,13 +16,27 @@ export interface Backend {
   readonly region: string;
   /** `http://addr:port` (`http://[addr]:port` for IPv6): the key of the connection pool. */
   readonly origin: string;
+  /** The service's `concurrency.type`; both kinds are counted as requests and tunnels in flight (see `inflight`). */
+  readonly limitType: 'connections' | 'requests';
+  /** Above this many in flight the backend is only used when every other one is above its soft limit too. */
+  readonly softLimit: number;
+  /** At this many in flight the backend takes no more; requests queue when every backend is there. */
+  readonly hardLimit: number;
+  /**
+   * Requests (and WebSocket tunnels) this proxy has in flight on the backend: the one mutable field. The object
+   * survives swaps that leave the machine's service unchanged, so the count does too.
+   */
+  inflight: number;
 }
+
+/** Fly's defaults when a service sets no `concurrency`. */
+export const defaultConcurrency = { type: 'connections', soft_limit: 20, hard_limit: 25 } as const;
 
 /** An app's entry in a snapshot. `backends` is empty when the app exists but nothing can serve it. */
 export interface AppRoute {
   readonly app: string;
   readonly backends: readonly Backend[];
-  /** Round-robin position; the only field the balancer mutates. It survives swaps that leave the app unchanged. */
+  /** Round-robin position, kept for callers that rotate; the balancer itself picks by load (Backend.inflight). */
   cursor: number;
 }
 
@@ -54,7 +68,9 @@ export function backendsOf(spec: MachineSpec): Backend[] {
     });
     if (!http80) continue;
     const host = spec.private_ip.includes(':') ? `[${spec.private_ip}]` : spec.private_ip;
-    out.push(Object.freeze({
+    const c = service.concurrency;
+    const hardLimit = Math.max(1, c?.hard_limit ?? Math.max(defaultConcurrency.hard_limit, c?.soft_limit ?? 0));
+    out.push(Object.seal({
       app: spec.app,
       machineId: spec.id,
       instanceId: spec.instance_id,
@@ -62,6 +78,10 @@ export function backendsOf(spec: MachineSpec): Backend[] {
       port: service.internal_port,
       region: spec.region,
       origin: `http://${host}:${service.internal_port}`,
+      limitType: c?.type ?? defaultConcurrency.type,
+      softLimit: Math.min(hardLimit, c?.soft_limit ?? Math.min(defaultConcurrency.soft_limit, hardLimit)),
+      hardLimit,
+      inflight: 0,
     }));
   }
   return out;
@@ -223,7 +243,8 @@ function sameBackends(a: readonly Backend[], b: readonly Backend[]): boolean {
   for (let i = 0; i < a.length; i++) {
     const x = a[i]!;
     const y = b[i]!;
-    if (x !== y && (x.machineId !== y.machineId || x.origin !== y.origin || x.instanceId !== y.instanceId || x.region !== y.region)) return false;
+    if (x !== y && (x.machineId !== y.machineId || x.origin !== y.origin || x.instanceId !== y.instanceId || x.region !== y.region
+      || x.softLimit !== y.softLimit || x.hardLimit !== y.hardLimit || x.limitType !== y.limitType)) return false;
   }
   return true;
 }
