@@ -56,6 +56,8 @@ describe('single host', () => {
       return seen.size === 3;
     });
     assert.deepEqual([...seen].sort(), machines.map((m) => m.id).sort());
+    const metrics = await (await request(h.host.metricsUrl)).body.text();
+    assert.match(metrics, /tarmac_proxy_requests_total\{[^}]*app="web"[^}]*\} [1-9]/, 'the host exports the proxy\'s request counts');
     const cgi = await get(h, 'web', '/cgi-bin/whoami');
     assert.match(cgi.body, /machine_id=[0-9a-f]{14}/);
 

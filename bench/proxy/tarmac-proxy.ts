@@ -18,7 +18,8 @@ await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker'], host_numbe
 await catalog.createApp({ name: benchApp, org_slug: 'personal', network: 'default', created_at: now });
 await catalog.createMachine({
   id, app: benchApp, name: 'bench-1', region: 'local', host_id: 'h1',
-  config: { image: 'bench', services: [{ protocol: 'tcp', internal_port: Number(backendPort), ports: [{ port: 80, handlers: ['http'] }] }] },
+  // Limits above the benchmark's 64 connections: this measures the forwarding path, not the queue.
+  config: { image: 'bench', services: [{ protocol: 'tcp', internal_port: Number(backendPort), ports: [{ port: 80, handlers: ['http'] }], concurrency: { type: 'requests', soft_limit: 1000, hard_limit: 1000 } }] },
   instance_id: `01INST${id}`, version: 1, desired: 'started', restart_generation: 0, cordoned: false,
   private_ip: '127.0.0.1', created_at: now, updated_at: now,
 }, []);

@@ -26,6 +26,8 @@ export const hostConfigSchema = z.strictObject({
     http: listen.default({ host: '0.0.0.0', port: 8080 }),
     apps_domain: z.string().regex(/^[a-z0-9.-]+$/).default('localhost'),
   }).default({ http: { host: '0.0.0.0', port: 8080 }, apps_domain: 'localhost' }),
+  /** Prometheus /metrics of this host (proxy, …). Bound to loopback by default: it names apps and machines. */
+  metrics: listen.default({ host: '127.0.0.1', port: 9480 }),
   runtime: z.strictObject({
     /** Default driver for machines; a machine can pick another with metadata tarmac_runtime. */
     default: z.enum(['runc', 'crun', 'runsc']).default('runc'),

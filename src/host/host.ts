@@ -5,7 +5,9 @@ import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { openEtcdCatalog, openSqliteCatalog, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
-import { startProxy, type RunningProxy } from '../proxy/index.ts';
+import { metricsHandler, startProxy, trackProxyMetrics, type RunningProxy } from '../proxy/index.ts';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, type Driver } from '../orchestrator/index.ts';
 import { hashToken, newToken } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
@@ -20,6 +22,8 @@ export interface RunningHost {
   /** http://host:port of the Machines API (the /v1 paths hang off it). */
   readonly apiUrl: string | undefined;
   readonly proxy: RunningProxy | undefined;
+  /** Prometheus scrape URL of this host. */
+  readonly metricsUrl: string;
   readonly catalog: Catalog;
   readonly orchestrator: Orchestrator | undefined;
   close(): Promise<void>;
@@ -102,9 +106,15 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
       });
       const p = proxy;
       closers.push(() => p.close());
+      const untrack = trackProxyMetrics(p);
+      closers.push(async () => untrack());
     }
-    log.info({ api: api?.url, proxy: proxy?.address }, 'host ready');
-    return { config, hostId, adminToken, apiUrl: api?.url, proxy, catalog, orchestrator, close };
+    const metrics = await listenMetrics(config.metrics);
+    closers.push(() => new Promise<void>((r) => metrics.close(() => r())));
+    const m = metrics.address() as AddressInfo;
+    const metricsUrl = `http://${m.family === 'IPv6' ? `[${m.address}]` : m.address}:${m.port}/metrics`;
+    log.info({ api: api?.url, proxy: proxy?.address, metrics: metricsUrl }, 'host ready');
+    return { config, hostId, adminToken, apiUrl: api?.url, proxy, metricsUrl, catalog, orchestrator, close };
   } catch (e) {
     await close();
     throw e;
@@ -177,4 +187,17 @@ function newHostNumber(catalog: Catalog): number {
     const n = randomInt(1, 0x7fffffff);
     if (!taken.has(n)) return n;
   }
+}
+
+/** Serves GET /metrics (Prometheus text format) on its own listener. */
+async function listenMetrics(listen: { host: string; port: number }): Promise<Server> {
+  const server = createServer((req, res) => {
+    if (req.method === 'GET' && req.url?.split('?')[0] === '/metrics') return void metricsHandler(req, res);
+    res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try GET /metrics\n');
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(listen.port, listen.host, () => resolve());
+  });
+  return server;
 }

@@ -15,6 +15,7 @@ Options:
   --data-dir DIR         data directory (default $TARMAC_DATA_DIR or ./.tarmac)
   --api-listen H:P       Machines API address (default 127.0.0.1:4280)
   --proxy-listen H:P     proxy HTTP address (default 0.0.0.0:8080)
+  --metrics-listen H:P   Prometheus /metrics address (default 127.0.0.1:9480)
   --apps-domain D        apps answer at <app>.D (default localhost)
   --region R             region of this host (default local)
   --catalog URL          sqlite (default) or etcd://h1:2379,h2:2379 ($TARMAC_CATALOG)
@@ -33,13 +34,14 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
       config: { type: 'string' }, 'data-dir': { type: 'string' }, 'api-listen': { type: 'string' },
       'proxy-listen': { type: 'string' }, 'apps-domain': { type: 'string' }, region: { type: 'string' },
       runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
-      catalog: { type: 'string' },
+      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' },
     },
   });
   const input: Record<string, unknown> = values.config ? { ...(await readConfigFile(values.config)) } : {};
   const dataDir = values['data-dir'] ?? env['TARMAC_DATA_DIR'];
   if (dataDir) input['data_dir'] = dataDir;
   if (values['api-listen']) input['api'] = parseListen(values['api-listen'], '--api-listen');
+  if (values['metrics-listen']) input['metrics'] = parseListen(values['metrics-listen'], '--metrics-listen');
   const proxy = { ...(input['proxy'] as object | undefined) } as Record<string, unknown>;
   if (values['proxy-listen']) proxy['http'] = parseListen(values['proxy-listen'], '--proxy-listen');
   if (values['apps-domain']) proxy['apps_domain'] = values['apps-domain'];
@@ -77,7 +79,7 @@ export async function runHost(argv: string[]): Promise<number> {
   const tokenNote = process.env['TARMAC_API_TOKEN'] ? 'the token in $TARMAC_API_TOKEN' : `the token in ${join(config.data_dir, 'admin-token')}`;
   process.stderr.write(
     `Tarmac is running.\n  Machines API  ${host.apiUrl}/v1  (Authorization: Bearer <${tokenNote}>)\n` +
-    `  Proxy         http://<app>.${config.proxy.apps_domain}:${host.proxy?.address.port}\n  Data          ${config.data_dir}\nPress Ctrl-C to stop.\n`,
+    `  Proxy         http://<app>.${config.proxy.apps_domain}:${host.proxy?.address.port}\n  Metrics       ${host.metricsUrl}\n  Data          ${config.data_dir}\nPress Ctrl-C to stop.\n`,
   );
   await new Promise<void>((resolve) => {
     const stop = () => resolve();

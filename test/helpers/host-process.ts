@@ -28,7 +28,7 @@ export interface HostProcess {
 /** Starts `tarmac host` on `dataDir` with free ports and waits for its "Machines API" banner. */
 export async function startHostProcess(dataDir: string, opts: { env?: Record<string, string>; logLevel?: string; timeoutMs?: number } = {}): Promise<HostProcess> {
   const child = spawn(process.execPath, [
-    bin, 'host', '--data-dir', dataDir, '--api-listen', '127.0.0.1:0', '--proxy-listen', '127.0.0.1:0', '--no-install',
+    bin, 'host', '--data-dir', dataDir, '--api-listen', '127.0.0.1:0', '--proxy-listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--no-install',
     '--log-level', opts.logLevel ?? 'warn',
   ], { env: { ...process.env, TARMAC_API_TOKEN: '', ...opts.env }, stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';

@@ -24,7 +24,7 @@ export interface TestHost {
 export async function startTestHost(opts: { config?: HostConfigInput; dataDir?: string } = {}): Promise<TestHost> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'tarmac-host-')));
   const config = parseHostConfig({
-    data_dir: dataDir, api: { host: '127.0.0.1', port: 0 }, proxy: { http: { host: '127.0.0.1', port: 0 } },
+    data_dir: dataDir, api: { host: '127.0.0.1', port: 0 }, proxy: { http: { host: '127.0.0.1', port: 0 } }, metrics: { host: '127.0.0.1', port: 0 },
     install_packages: false, ...opts.config,
   });
   const env = { ...process.env };
