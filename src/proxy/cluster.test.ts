@@ -2,28 +2,14 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import cluster from 'node:cluster';
-import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, get, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { openSqliteCatalog, type Catalog } from '../catalog/index.ts';
+import { type Catalog } from '../catalog/index.ts';
 import { silentLogger } from '../shared/log.ts';
 import { startProxyCluster, type RunningProxy } from './index.ts';
+import { tempCatalog } from './testing.ts';
 
 const now = () => new Date().toISOString();
-
-async function tempCatalog(t: TestContext): Promise<Catalog> {
-  const dir = await mkdtemp(join(tmpdir(), 'tarmac-proxy-cluster-'));
-  const catalog = openSqliteCatalog(join(dir, 'catalog.sqlite'));
-  t.after(async () => {
-    await catalog.close();
-    await rm(dir, { recursive: true, force: true });
-  });
-  await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: now() });
-  await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker'], host_number: 1, cpus: 2, memory_mb: 4096, address: '127.0.0.1', updated_at: now() });
-  return catalog;
-}
 
 async function backend(t: TestContext, body: string): Promise<number> {
   const server: Server = createServer((_q, s) => s.end(body));

@@ -2,36 +2,22 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { Agent, request } from 'undici';
-import { openSqliteCatalog, type Catalog, type MachineConfig, type MachineSpec, type MachineStatus } from '../catalog/index.ts';
+import { type Catalog, type MachineConfig, type MachineSpec, type MachineStatus } from '../catalog/index.ts';
 import { silentLogger } from '../shared/log.ts';
 import { proxyRequestChannel, startProxy, type ProxyRequestEvent, type ProxyTimeouts, type RunningProxy } from './index.ts';
+import { tempCatalog } from './testing.ts';
 
 const now = () => new Date().toISOString();
 
 setFlagsFromString('--expose-gc');
 /** A full garbage collection, to measure live memory rather than garbage. */
 const gc = runInNewContext('gc') as () => void;
-
-async function tempCatalog(t: TestContext): Promise<Catalog> {
-  const dir = await mkdtemp(join(tmpdir(), 'tarmac-proxy-'));
-  const catalog = openSqliteCatalog(join(dir, 'catalog.sqlite'));
-  t.after(async () => {
-    await catalog.close();
-    await rm(dir, { recursive: true, force: true });
-  });
-  await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: now() });
-  await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker'], host_number: 1, cpus: 2, memory_mb: 4096, address: '127.0.0.1', updated_at: now() });
-  return catalog;
-}
 
 interface TestBackend { port: number; host: string; hits: number; server: Server }
 
