@@ -155,4 +155,14 @@ describe('single host', () => {
     await h.client.waitMachine('keep', m.id, { state: 'stopped', timeout: 30 });
     await h.client.deleteApp('keep');
   });
+
+  test('a host whose proxy runs as two worker processes serves machines the same way', async (t) => {
+    const h2 = await startTestHost({ config: { proxy: { http: { host: '127.0.0.1', port: 0 }, workers: 2 } } });
+    t.after(() => h2.close());
+    await h2.client.createApp({ app_name: 'multi', org_slug: 'personal' });
+    const m = await h2.client.createMachine('multi', { config: web(httpRef) });
+    await h2.client.waitMachine('multi', m.id, { state: 'started', timeout: 60 });
+    await waitFor('a proxy worker to serve the machine', async () => (await get(h2, 'multi')).body === m.id);
+    for (let i = 0; i < 6; i++) assert.deepEqual(await get(h2, 'multi'), { status: 200, body: m.id });
+  });
 });

@@ -25,7 +25,9 @@ export const hostConfigSchema = z.strictObject({
   proxy: z.strictObject({
     http: listen.default({ host: '0.0.0.0', port: 8080 }),
     apps_domain: z.string().regex(/^[a-z0-9.-]+$/).default('localhost'),
-  }).default({ http: { host: '0.0.0.0', port: 8080 }, apps_domain: 'localhost' }),
+    /** Proxy processes sharing the port (node:cluster); 1 runs it in the host process. Limits and metrics are per worker. */
+    workers: z.number().int().min(1).max(64).default(1),
+  }).default({ http: { host: '0.0.0.0', port: 8080 }, apps_domain: 'localhost', workers: 1 }),
   /** Prometheus /metrics of this host (proxy, …). Bound to loopback by default: it names apps and machines. */
   metrics: listen.default({ host: '127.0.0.1', port: 9480 }),
   runtime: z.strictObject({

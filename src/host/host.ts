@@ -5,7 +5,7 @@ import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { openEtcdCatalog, openSqliteCatalog, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
-import { metricsHandler, startProxy, trackProxyMetrics, type RunningProxy } from '../proxy/index.ts';
+import { metricsHandler, startProxy, startProxyCluster, trackProxyMetrics, type RunningProxy } from '../proxy/index.ts';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, type Driver } from '../orchestrator/index.ts';
@@ -101,13 +101,18 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
 
     let proxy: RunningProxy | undefined;
     if (config.roles.includes('edge') || isWorker) {
-      proxy = await startProxy({
+      const proxyOptions = {
         catalog, http: config.proxy.http, appsDomain: config.proxy.apps_domain, log: log.child({ component: 'proxy' }), region: config.region,
-      });
+      };
+      proxy = config.proxy.workers > 1
+        ? await startProxyCluster({ ...proxyOptions, workers: config.proxy.workers, logLevel: config.log_level })
+        : await startProxy(proxyOptions);
       const p = proxy;
       closers.push(() => p.close());
-      const untrack = trackProxyMetrics(p);
-      closers.push(async () => untrack());
+      if (config.proxy.workers === 1) { // cluster workers keep their own registries (not aggregated yet)
+        const untrack = trackProxyMetrics(p);
+        closers.push(async () => untrack());
+      }
     }
     const metrics = await listenMetrics(config.metrics);
     closers.push(() => new Promise<void>((r) => metrics.close(() => r())));

@@ -17,6 +17,7 @@ Options:
   --proxy-listen H:P     proxy HTTP address (default 0.0.0.0:8080)
   --metrics-listen H:P   Prometheus /metrics address (default 127.0.0.1:9480)
   --apps-domain D        apps answer at <app>.D (default localhost)
+  --proxy-workers N      proxy processes sharing the port (default 1)
   --region R             region of this host (default local)
   --catalog URL          sqlite (default) or etcd://h1:2379,h2:2379 ($TARMAC_CATALOG)
   --runtime NAME         default machine runtime: runc, crun or runsc (default runc)
@@ -34,7 +35,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
       config: { type: 'string' }, 'data-dir': { type: 'string' }, 'api-listen': { type: 'string' },
       'proxy-listen': { type: 'string' }, 'apps-domain': { type: 'string' }, region: { type: 'string' },
       runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
-      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' },
+      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' }, 'proxy-workers': { type: 'string' },
     },
   });
   const input: Record<string, unknown> = values.config ? { ...(await readConfigFile(values.config)) } : {};
@@ -45,6 +46,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
   const proxy = { ...(input['proxy'] as object | undefined) } as Record<string, unknown>;
   if (values['proxy-listen']) proxy['http'] = parseListen(values['proxy-listen'], '--proxy-listen');
   if (values['apps-domain']) proxy['apps_domain'] = values['apps-domain'];
+  if (values['proxy-workers']) proxy['workers'] = Number(values['proxy-workers']);
   if (Object.keys(proxy).length) input['proxy'] = proxy;
   if (values.region) input['region'] = values.region;
   if (values.catalog ?? env['TARMAC_CATALOG']) input['catalog'] = values.catalog ?? env['TARMAC_CATALOG'];
