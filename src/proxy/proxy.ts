@@ -148,6 +148,7 @@ class Exchange implements Dispatcher.DispatchHandler {
   connected = false;
   done = false;
   clientGone = false;
+  drainListened = false;
   abort: ((err?: Error) => void) | null = null;
   resume: (() => void) | null = null;
 
@@ -201,7 +202,13 @@ class Exchange implements Dispatcher.DispatchHandler {
 
   onData(chunk: Buffer): boolean {
     this.bytes += chunk.length;
-    return this.res.write(chunk);
+    if (this.res.write(chunk)) return true;
+    // Backpressure: resume the machine's body when the client drains (listened for only once it is needed).
+    if (!this.drainListened) {
+      this.drainListened = true;
+      this.res.on('drain', onResponseDrain);
+    }
+    return false;
   }
 
   onComplete(): void {
@@ -730,16 +737,11 @@ class HttpProxy implements RunningProxy {
     const route = a.route;
     res.app = route.app;
     addForwarding(head.headers, clientAddress(req.socket.remoteAddress), head.forwardedFor, requestId, this.#fwd);
-    const start = (b: Backend) => {
-      const ex = new Exchange(this, req, res, route.app, b, a.path, head.headers, head.hasBody);
-      res.exchange = ex;
-      res.on('drain', onResponseDrain);
-      ex.send();
-    };
     const b = choose(route.backends);
     if (b !== undefined) {
+      // The common case: no closure or waiter per request.
       b.inflight++;
-      start(b);
+      startExchange(this, req, res, route.app, b, a.path, head);
       return;
     }
     // Every machine is at its hard limit: wait in the app's queue.
@@ -748,7 +750,7 @@ class HttpProxy implements RunningProxy {
       timer: undefined,
       start: (next) => {
         res.waiter = null;
-        start(next);
+        startExchange(this, req, res, route.app, next, a.path, head);
       },
       fail: (code, message) => {
         res.waiter = null;
@@ -945,6 +947,13 @@ const absoluteForm = /^https?:\/\/([^/?#]*)(.*)$/i;
 
 function onResponseDrain(this: ProxyResponse): void {
   this.exchange?.resume?.();
+}
+
+/** Forwards a request to `b` (already counted in its `inflight`). */
+function startExchange(proxy: HttpProxy, req: IncomingMessage, res: ProxyResponse, app: string, b: Backend, path: string, head: RequestHead): void {
+  const ex = new Exchange(proxy, req, res, app, b, path, head.headers, head.hasBody);
+  res.exchange = ex;
+  ex.send();
 }
 
 /** Starts the proxy's HTTP listener with a routing table loaded from `catalog` and kept current from its changes. */
