@@ -97,19 +97,26 @@ async function logLines(h: TestHost, app: string, machineId: string): Promise<st
   return out;
 }
 
-describe('gVisor machines', { skip: whyNot() }, () => {
-  let registry: TestRegistry;
-  let image: string;
+describe('gVisor', { skip: whyNot() }, () => {
+// One registry and one image serve both hosts below.
+let registry: TestRegistry;
+let image: string;
+before(async () => {
+  registry = await startRegistry();
+  image = await buildAndPushImage(registry.host, 'kernel', { files: { 'var/www/cgi-bin/kernel': kernelCgi }, cmd: ['sh', '-c', command] });
+});
+after(async () => {
+  await registry?.stop();
+});
+
+describe('gVisor machines', () => {
   let h: TestHost;
 
   before(async () => {
-    registry = await startRegistry();
-    image = await buildAndPushImage(registry.host, 'kernel', { files: { 'var/www/cgi-bin/kernel': kernelCgi }, cmd: ['sh', '-c', command] });
     h = await startTestHost();
   });
   after(async () => {
     await h?.close();
-    await registry?.stop();
   });
 
   test('a runsc machine: API, proxy, logs, stop and start, destroy, nothing left', async () => {
@@ -182,19 +189,14 @@ describe('gVisor machines', { skip: whyNot() }, () => {
   });
 });
 
-describe('a host whose default runtime is runsc', { skip: whyNot() }, () => {
-  let registry: TestRegistry;
-  let image: string;
+describe('a host whose default runtime is runsc', () => {
   let h: TestHost;
 
   before(async () => {
-    registry = await startRegistry();
-    image = await buildAndPushImage(registry.host, 'kernel', { files: { 'var/www/cgi-bin/kernel': kernelCgi }, cmd: ['sh', '-c', command] });
     h = await startTestHost({ config: { runtime: { default: 'runsc', oci_binary: 'runc' } } });
   });
   after(async () => {
     await h?.close();
-    await registry?.stop();
   });
 
   test('machines run under gVisor by default, and under runc when their metadata asks', async () => {
@@ -215,4 +217,5 @@ describe('a host whose default runtime is runsc', { skip: whyNot() }, () => {
     await h.host.orchestrator?.idle();
     for (const id of [m.id, r.id]) assert.deepEqual(await leftovers(id), [], `machine ${id} left nothing`);
   });
+});
 });
