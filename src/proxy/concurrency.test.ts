@@ -1,14 +1,13 @@
 // Fly's balancing and concurrency limits against slow real backends: least loaded first, soft before hard, a bounded queue, 503s.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Agent, request } from 'undici';
 import { waitFor } from '../../test/helpers/wait.ts';
 import type { Catalog } from '../catalog/index.ts';
-import { proxyQueueChannel, type ProxyQueueEvent, type RunningProxy } from './proxy.ts';
-import { createApp, httpService, proxyFor, startedMachine, tempCatalog } from './testing.ts';
+import type { RunningProxy } from './proxy.ts';
+import { createApp, httpService, proxyFor, queueLength, startedMachine, tempCatalog } from './testing.ts';
 
 interface SlowBackend { port: number; name: string; active: number; max: number; hits: number; release(): void; server: Server }
 
@@ -95,19 +94,16 @@ test('a full queue answers 503 over_capacity at once; a request that waits too l
   const ag = agent(t);
   const held = get(ag, proxy, '/hold');
   await waitFor('the first request to reach the machine', () => b.active === 1);
-  let waiting = 0;
-  const onQueue = (m: unknown) => { waiting = (m as ProxyQueueEvent).queued; };
-  subscribe(proxyQueueChannel, onQueue);
-  t.after(() => unsubscribe(proxyQueueChannel, onQueue));
+  const queueLen = queueLength(t);
   const queued = get(ag, proxy, '/queued');
-  await waitFor('the second request to wait in the queue', () => waiting === 1);
+  await waitFor('the second request to wait in the queue', () => queueLen() === 1);
   // The queue holds one; with it taken, the next is refused without waiting.
   const refused = await get(ag, proxy, '/refused');
   assert.equal(refused.status, 503);
   assert.equal(refused.code, 'over_capacity');
   assert.match(refused.body, /every machine of app web is at its hard concurrency limit and 1 requests already wait/);
   const timedOut = await queued;
-  assert.equal(waiting, 0);
+  assert.equal(queueLen(), 0);
   assert.equal(timedOut.status, 503);
   assert.equal(timedOut.code, 'over_capacity');
   assert.match(timedOut.body, /stayed at its hard concurrency limit for the 300 ms the request waited; .*services\.concurrency\.hard_limit/);
@@ -164,12 +160,9 @@ test('in-flight counts survive routing table swaps, and a queued request goes to
   const ag = agent(t);
   const held = get(ag, proxy, '/hold');
   await waitFor('the held request to land', () => a.active === 1);
-  let waiting = 0;
-  const onQueue = (m: unknown) => { waiting = (m as ProxyQueueEvent).queued; };
-  subscribe(proxyQueueChannel, onQueue);
-  t.after(() => unsubscribe(proxyQueueChannel, onQueue));
+  const queueLen = queueLength(t);
   const queued = get(ag, proxy, '/queued');
-  await waitFor('the second request to wait in the queue', () => waiting === 1);
+  await waitFor('the second request to wait in the queue', () => queueLen() === 1);
   const version = proxy.routes.version;
   await createApp(c, 'other');
   await waitFor('a swap', () => proxy.routes.version > version);
@@ -178,7 +171,7 @@ test('in-flight counts survive routing table swaps, and a queued request goes to
   await startedMachine(c, 'web', httpService(b.port, { type: 'requests', soft_limit: 1, hard_limit: 1 }));
   const served = await queued;
   assert.deepEqual([served.status, served.body], [200, 'b']);
-  assert.equal(waiting, 0);
+  assert.equal(queueLen(), 0);
   assert.equal(a.hits, 1);
   a.release();
   assert.equal((await held).status, 200);

@@ -5,7 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { openSqliteCatalog, type Catalog, type MachineConfig, type MachineSpec } from '../catalog/index.ts';
 import { silentLogger } from '../shared/log.ts';
-import { startProxy, type ProxyLimits, type ProxyTimeouts, type RunningProxy } from './proxy.ts';
+import { subscribe, unsubscribe } from 'node:diagnostics_channel';
+import { proxyQueueChannel, startProxy, type ProxyLimits, type ProxyQueueEvent, type ProxyTimeouts, type RunningProxy } from './proxy.ts';
 
 const now = () => new Date().toISOString();
 
@@ -54,4 +55,13 @@ export async function proxyFor(t: TestContext, catalog: Catalog, timeouts: Proxy
   });
   t.after(() => proxy.close());
   return proxy;
+}
+
+/** Follows the proxy's queue-length events for the rest of the test; the returned function reads the latest length. */
+export function queueLength(t: TestContext): () => number {
+  let queued = 0;
+  const onQueue = (m: unknown) => { queued = (m as ProxyQueueEvent).queued; };
+  subscribe(proxyQueueChannel, onQueue);
+  t.after(() => unsubscribe(proxyQueueChannel, onQueue));
+  return () => queued;
 }

@@ -6,9 +6,8 @@ import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Serv
 import type { AddressInfo } from 'node:net';
 import { WebSocket, WebSocketServer } from 'ws';
 import { waitFor } from '../../test/helpers/wait.ts';
-import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { proxyQueueChannel, type ProxyQueueEvent, type RunningProxy } from './proxy.ts';
-import { createApp, httpService, proxyFor, startedMachine, tempCatalog } from './testing.ts';
+import type { RunningProxy } from './proxy.ts';
+import { createApp, httpService, proxyFor, queueLength, startedMachine, tempCatalog } from './testing.ts';
 
 interface WsMachine { port: number; wss: WebSocketServer; server: Server; upgrades: IncomingHttpHeaders[] }
 
@@ -180,14 +179,11 @@ test('an open WebSocket holds a slot: at the hard limit the next one waits until
   await createApp(c, 'chat');
   await startedMachine(c, 'chat', httpService(m.port, { type: 'connections', soft_limit: 1, hard_limit: 1 }));
   const proxy = await proxyFor(t, c, { queueMs: 60_000 });
-  let waiting = 0;
-  const onQueue = (e: unknown) => { waiting = (e as ProxyQueueEvent).queued; };
-  subscribe(proxyQueueChannel, onQueue);
-  t.after(() => unsubscribe(proxyQueueChannel, onQueue));
+  const queueLen = queueLength(t);
   const first = await openWs(t, proxy, 'chat.localhost');
   assert.equal(await first.next(), 'welcome');
   const second = openWs(t, proxy, 'chat.localhost');
-  await waitFor('the second WebSocket to wait in the queue', () => waiting === 1);
+  await waitFor('the second WebSocket to wait in the queue', () => queueLen() === 1);
   assert.equal(m.upgrades.length, 1);
   first.ws.close(1000);
   const s = await second;
