@@ -4,6 +4,7 @@ import { resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 import { z } from 'zod';
 import { TarmacError } from '../shared/errors.ts';
+import { describeIssues } from '../shared/validation.ts';
 
 const listen = z.strictObject({
   host: z.string().min(1),
@@ -52,15 +53,10 @@ export const hostConfigSchema = z.strictObject({
 export type HostConfig = Readonly<z.infer<typeof hostConfigSchema>>;
 export type HostConfigInput = z.input<typeof hostConfigSchema>;
 
-/** Formats zod issues as "path: message; path: message", naming every field at fault. */
-export function formatIssues(error: z.ZodError, prefix = ''): string {
-  return error.issues.map((i) => `${[prefix, ...i.path.map(String)].filter(Boolean).join('.') || '(root)'}: ${i.message}`).join('; ');
-}
-
-/** Parses and freezes a config; data_dir is made absolute. */
+/** Parses and freezes a config; data_dir is made absolute. Every bad key is named in one message. */
 export function parseHostConfig(input: unknown, source = 'config'): HostConfig {
-  const r = hostConfigSchema.safeParse(input);
-  if (!r.success) throw new TarmacError('invalid_argument', `invalid ${source}: ${formatIssues(r.error)}`);
+  const r = hostConfigSchema.safeParse(input, { reportInput: true });
+  if (!r.success) throw new TarmacError('invalid_argument', `invalid ${source}: ${describeIssues(r.error)}`);
   return Object.freeze({ ...r.data, data_dir: resolve(r.data.data_dir) });
 }
 
