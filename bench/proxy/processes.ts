@@ -2,9 +2,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
-import { createServer, connect, type AddressInfo } from 'node:net';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort } from '../../test/helpers/registry.ts';
 
 /** A process the benchmark started and must stop. */
 export interface Peer {
@@ -18,15 +19,6 @@ const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
 const live = new Set<ChildProcess>();
 // If the harness dies on an exception, no server outlives it.
 process.once('exit', () => { for (const c of live) c.kill('SIGKILL'); });
-
-/** A loopback port free right now (bound once, then released). */
-export async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as AddressInfo).port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
 
 function canConnect(port: number): Promise<boolean> {
   return new Promise((resolve) => {

@@ -12,6 +12,8 @@ import { type Catalog, type MachineConfig, type MachineSpec, type MachineStatus 
 import { silentLogger } from '../shared/log.ts';
 import { proxyRequestChannel, startProxy, type ProxyRequestEvent, type ProxyTimeouts, type RunningProxy } from './index.ts';
 import { tempCatalog } from './testing.ts';
+import { waitFor } from '../../test/helpers/wait.ts';
+import { freePort } from '../../test/helpers/registry.ts';
 
 const now = () => new Date().toISOString();
 
@@ -37,15 +39,6 @@ async function backend(t: TestContext, handler: (req: IncomingMessage, res: Serv
 function closeServer(server: Server): Promise<void> {
   server.closeAllConnections();
   return new Promise((resolve) => server.close(() => resolve()));
-}
-
-/** A port nothing listens on (bound once, then released). */
-async function deadPort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as AddressInfo).port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
 }
 
 function httpService(internalPort: number, handlers: Array<'http' | 'tls'> = ['http'], port = 80): NonNullable<MachineConfig['services']> {
@@ -96,14 +89,6 @@ async function get(a: Agent, proxy: RunningProxy, host: string, path = '/', head
   const res = await request(`http://127.0.0.1:${proxy.address.port}${path}`, { dispatcher: a, headers: { host, ...headers } });
   const body = await res.body.text();
   return { status: res.statusCode, headers: res.headers, body };
-}
-
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
 }
 
 /** Sends raw bytes and collects everything the proxy answers until it closes the connection. */
@@ -300,8 +285,8 @@ test('unknown app 404, backend down 502, retry on another machine when one of tw
   const good = await backend(t, (_q, s) => s.end('good'));
   await app(c, 'down');
   await app(c, 'half');
-  await machine(c, 'down', { ip: '127.0.0.1', services: httpService(await deadPort()) });
-  await machine(c, 'half', { ip: '127.0.0.1', services: httpService(await deadPort()) });
+  await machine(c, 'down', { ip: '127.0.0.1', services: httpService(await freePort()) });
+  await machine(c, 'half', { ip: '127.0.0.1', services: httpService(await freePort()) });
   await machine(c, 'half', { ip: '127.0.0.1', services: httpService(good.port) });
   const proxy = await proxyFor(t, c);
   const ag = agent(t);
