@@ -1,7 +1,7 @@
 // Wires a host: catalog, orchestrator (drivers, images), Machines API and proxy, by the host's roles.
 import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
-import { randomInt } from 'node:crypto';
+import { randomBytes, randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { openEtcdCatalog, openSqliteCatalog, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
@@ -131,7 +131,7 @@ async function hostIdentity(dataDir: string, config: HostConfig): Promise<string
   const file = join(dataDir, 'host-id');
   const existing = await readFile(file, 'utf8').then((s) => s.trim(), () => '');
   if (existing) return existing;
-  const id = `host-${newToken('x').slice(2, 12).toLowerCase().replace(/[^a-z0-9]/g, '0')}`;
+  const id = `host-${randomBytes(5).toString('hex')}`;
   await writeFile(file, id + '\n');
   return id;
 }
