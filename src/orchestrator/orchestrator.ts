@@ -1,20 +1,18 @@
 // The worker's orchestrator: reconciles the machines placed on this host with their desired state, durably.
 import { mkdir, rm, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Catalog, MachineEvent, MachineSpec, MachineStatus, ImageRef, ExitEvent } from '../catalog/index.ts';
+import type { Catalog, MachineEvent, MachineSpec, MachineStatus, ExitEvent } from '../catalog/index.ts';
 import { durationMs } from '../catalog/index.ts';
 import { newUlid } from '../shared/ids.ts';
 import { TarmacError, errorMessage, isTarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
-import type { Driver, ExitStatus, ImageConfig, RunningMachine, RunSpec } from './driver.ts';
+import type { Driver, ExitStatus, RunningMachine, RunSpec } from './driver.ts';
+import type { ImageStore, PulledImage } from './images/index.ts';
 import { LocalState, type InstanceRow, type Step } from './local-state.ts';
 import { setupMachineNetwork, teardownMachineNetwork, listMachineNetworks, netnsName } from './network.ts';
 
 /** What the orchestrator needs from the image store. */
-export interface ImagePuller {
-  pull(reference: string, opts?: { onProgress?: (p: { phase: string; bytes?: number; total?: number; layer?: string }) => void; signal?: AbortSignal }):
-    Promise<{ ref: ImageRef; rootfs: string; config: ImageConfig }>;
-}
+export type ImagePuller = Pick<ImageStore, 'pull'>;
 
 export interface OrchestratorOptions {
   catalog: Catalog;
@@ -288,7 +286,7 @@ export class Orchestrator {
    * Pulls the machine's image. While layers download, `pull` events carry the progress (at most a few a
    * second), so `tarmac machine run` can show it; a cached image records no pull events.
    */
-  async #pullWithProgress(spec: MachineSpec): Promise<{ ref: ImageRef; rootfs: string; config: ImageConfig }> {
+  async #pullWithProgress(spec: MachineSpec): Promise<PulledImage> {
     const layers = new Map<string, { bytes: number; total: number }>();
     let downloading = false;
     let lastWrite = 0;
@@ -325,7 +323,7 @@ export class Orchestrator {
     return pinned ? { ...image, ref: pinned } : image;
   }
 
-  #runSpec(spec: MachineSpec, image: { ref: ImageRef; rootfs: string; config: ImageConfig }, netnsPath: string, stateDir: string): RunSpec {
+  #runSpec(spec: MachineSpec, image: PulledImage, netnsPath: string, stateDir: string): RunSpec {
     const cfg = spec.config;
     const init = cfg.init ?? {};
     const entrypoint = init.entrypoint ?? image.config.Entrypoint ?? [];
