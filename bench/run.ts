@@ -1,11 +1,14 @@
 // `npm run bench`: runs every benchmark and writes its results with the machine described to bench/results/.
-// BENCH=machines,proxy,catalog picks some; all by default.
+// BENCH=machines,proxy,catalog,fleet,dns,mesh picks some; all by default.
 import { writeFile, mkdir } from 'node:fs/promises';
 import { benchMachineStart, machineDescription, percentile } from './machine-start.ts';
 import { benchProxy } from './proxy/index.ts';
 import { benchCatalog } from './catalog/index.ts';
+import { benchDns } from './dns/index.ts';
+import { benchFleet } from './fleet/index.ts';
+import { benchMesh } from './mesh/index.ts';
 
-const wanted = new Set((process.env['BENCH'] ?? 'machines,proxy,catalog').split(','));
+const wanted = new Set((process.env['BENCH'] ?? 'machines,proxy,catalog,fleet,dns,mesh').split(','));
 const results = new URL('./results/', import.meta.url);
 await mkdir(results, { recursive: true });
 
@@ -31,3 +34,6 @@ ${rows.join('\n')}
 }
 if (wanted.has('proxy')) await write('proxy.md', await benchProxy());
 if (wanted.has('catalog')) await write('catalog.md', await benchCatalog());
+if (wanted.has('fleet')) await write('fleet.md', await benchFleet());
+if (wanted.has('dns')) await write('dns.md', await benchDns());
+if (wanted.has('mesh')) await write('mesh.md', await benchMesh());

@@ -24,6 +24,8 @@ interface Scene {
   host: HostProcess;
   /** SIGKILLs the host and starts a new one on the same data dir. */
   crashAndRestart(beforeRestart?: () => Promise<void>): Promise<HostProcess>;
+  /** Stops the host with Ctrl-C (asserting it exits 0, machines running) and starts a new one on the same data dir. */
+  stopAndRestart(): Promise<HostProcess>;
   create(app: string, config: MachineConfig): Promise<MachineResponse>;
 }
 
@@ -47,6 +49,12 @@ async function scene(t: TestContext): Promise<Scene> {
     async crashAndRestart(beforeRestart) {
       await s.host.kill();
       await beforeRestart?.();
+      s.host = await start();
+      return s.host;
+    },
+    async stopAndRestart() {
+      // Machines keep running: nothing of theirs (watchers, timers, log readers) may keep the host process alive.
+      assert.equal(await s.host.stop(), 0, 'Ctrl-C ends the host while its machines keep running');
       s.host = await start();
       return s.host;
     },
@@ -217,10 +225,13 @@ describe('a host that crashes mid-step', () => {
     assert.deepEqual((await exits(never.id)).map((e) => [e.exit_code, e.restarting, e.requested_stop]), [[7, false, false]]);
     assert.equal((await s.host.client.getMachine('keep', always.id)).instance_id, always.instance_id, 'a policy restart keeps the instance');
 
-    // A second crash with nothing in flight changes nothing.
+    // A second crash with nothing in flight changes nothing; nor does a graceful stop and start.
     await s.crashAndRestart();
     for (const m of [steady, always]) await converged(s, 'keep', m, 'started');
     await converged(s, 'keep', never, 'stopped');
+    await s.stopAndRestart();
+    for (const m of [steady, always]) await converged(s, 'keep', m, 'started');
+    assert.equal((await runcContainers()).find((c) => c.id === steady.id)?.pid, pidBefore, 'reattached after a graceful stop too');
     await destroyAllAndCheck(s, 'keep');
   });
 

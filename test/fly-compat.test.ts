@@ -102,7 +102,8 @@ describe('a client written from Fly.io Machines API documentation', () => {
     assert.deepEqual(started.filter((id) => left.includes(id.slice(0, 12))), [], 'no machine network namespace is left');
   });
 
-  const service = { protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }] };
+  // autostart off (Fly's default is on): the test stops every machine and expects the proxy to serve nothing.
+  const service = { protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }], autostart: false };
 
   test('create an app and three machines, wait for started, serve through the proxy, update, stop, destroy', async () => {
     // Apps: create (201, {id, created_at: unix ms}), get, list.

@@ -37,9 +37,9 @@ const kernelCgi = [
 /** The machine also says which kernel it runs on in its logs, then serves its hostname on :8080. */
 const command = 'echo "kernel: $(cat /proc/version)"; hostname > /var/www/index.html; exec httpd -f -p 8080 -h /var/www';
 
-const web = (image: string, runtime?: string): MachineConfig => ({
+const web = (image: string, runtime?: string, opts: { autostart?: boolean } = {}): MachineConfig => ({
   image,
-  services: [{ protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }] }],
+  services: [{ protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }], ...opts }],
   ...(runtime ? { metadata: { tarmac_runtime: runtime } } : {}),
 });
 
@@ -121,7 +121,8 @@ describe('gVisor machines', () => {
 
   test('a runsc machine: API, proxy, logs, stop and start, destroy, nothing left', async () => {
     await h.client.createApp({ app_name: 'visor', org_slug: 'personal' });
-    const m = await h.client.createMachine('visor', { config: web(image, 'runsc') });
+    // Without autostart, so that a request to the stopped machine below does not start it again.
+    const m = await h.client.createMachine('visor', { config: web(image, 'runsc', { autostart: false }) });
     await h.client.waitMachine('visor', m.id, { state: 'started', timeout: 60 });
     await waitFor('the gVisor machine to serve through the proxy', async () => (await get(h, 'visor')).body === m.id);
     assertGvisor(await kernelOf(h, 'visor'));
@@ -139,6 +140,7 @@ describe('gVisor machines', () => {
     await h.client.stopMachine('visor', m.id, { timeout: 10 });
     await h.client.waitMachine('visor', m.id, { state: 'stopped', timeout: 30 });
     assert.equal((await get(h, 'visor')).status, 503);
+    assert.equal((await h.client.getMachine('visor', m.id)).state, 'stopped', 'the request did not start it');
     // A stopped machine keeps its network, nothing else: no sandbox, cgroup, mount or runsc state.
     assert.deepEqual((await leftovers(m.id)).filter((x) => x !== 'network namespace'), []);
 

@@ -214,6 +214,27 @@ describe('machine isolation', { skip: whyNot() }, () => {
     for (const app of ['iso-a', 'iso-b', 'iso-x']) await h.client.deleteApp(app);
   });
 
+  test('DNS: a machine reaches the host resolver at [fdaa::3]:53 (UDP and TCP) and no other port of that address', async () => {
+    await waitFor('the DNS server on fdaa::3', () => h.host.dns!.listening().some((l) => l.host === 'fdaa::3'), 120_000);
+    await h.client.createApp({ app_name: 'iso-dns', org_slug: 'personal' });
+    const apiPort = new URL(h.host.apiUrl!).port;
+    const hostConns = accepted.length;
+    // UDP: the machine's resolver (busybox nslookup, /etc/resolv.conf) finds its own address. TCP: a raw DNS/TCP
+    // frame (length, header, question iso-dns.internal AAAA) sent with nc gets an answer that echoes the question.
+    const frame = ['\\000\\042\\000\\001\\001\\000\\000\\001\\000\\000\\000\\000\\000\\000', '\\007iso-dns\\010internal\\000', '\\000\\034\\000\\001'].join('');
+    const lookup = 'i=0; until nslookup -type=aaaa iso-dns.internal 2>&1 | grep -q "$FLY_PRIVATE_IP"; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.2; done;'
+      + ' if [ $i -le 100 ]; then echo "probe dns-udp REACHED"; else echo "probe dns-udp BLOCKED"; fi;'
+      + ` if printf "${frame}" | nc -w 2 fdaa::3 53 | grep -q iso-dns; then echo "probe dns-tcp REACHED"; else echo "probe dns-tcp BLOCKED"; fi`;
+    const m = await machine('iso-dns', {
+      init: { cmd: ['sh', '-c', `${lookup}\n${probeScript}`] },
+      env: { PROBES: [`dns-listener=fdaa::3,${listenPort},1`, `dns-api=fdaa::3,${apiPort},1`, 'dns-4280=fdaa::3,4280,1'].join(' ') },
+    });
+    const results = await probeResults(h, 'iso-dns', m.id);
+    assert.deepEqual(results, { 'dns-udp': 'REACHED', 'dns-tcp': 'REACHED', 'dns-listener': 'BLOCKED', 'dns-api': 'BLOCKED', 'dns-4280': 'BLOCKED' });
+    assert.deepEqual(accepted.slice(hostConns), [], 'the host listener on every address accepted nothing at fdaa::3');
+    await h.client.deleteApp('iso-dns');
+  });
+
   test('spoofing: what a machine sends from an address not its own is dropped, even into another machine\'s open flow', async () => {
     await h.client.createApp({ app_name: 'spoof', org_slug: 'personal' });
     const [attacker, victim] = await Promise.all([machine('spoof', { env: { PROBES: '' } }), machine('spoof', { env: { PROBES: '' } })]);

@@ -1,6 +1,6 @@
-// Proxy benchmark: wrk through nginx, HAProxy, Tarmac's proxy and the Node peers to one nginx backend, interleaved, as markdown.
+// Proxy benchmark: wrk through nginx, HAProxy, Tarmac's proxy and the Node peers to one nginx backend, interleaved, as markdown;
+// then TLS handshakes, WebSocket round trips and memory per idle connection. BENCH_PROXY_PARTS=http,ws,idle picks parts.
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { cpus, release, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -8,6 +8,11 @@ import {
   type Peer, startHaproxy, startNginxBackend, startNginxProxy, startNodeScript, treeCpuSeconds,
 } from './processes.ts';
 import { runWrk, writeWrkScript, type WrkResult } from './wrk.ts';
+import { benchTls } from './tls.ts';
+import { benchWebSocket } from './ws.ts';
+import { benchIdle } from './idle.ts';
+import { spliceSections } from './sections.ts';
+import { loadavg, machineBusySeconds, median } from './stats.ts';
 
 export interface BenchProxyOptions {
   /** Rounds of every target at every connection count, interleaved. Default 3 (env BENCH_PROXY_ROUNDS). */
@@ -37,12 +42,6 @@ function envNumber(name: string): number | undefined {
   return v === undefined || v === '' ? undefined : Number(v);
 }
 
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
 function version(cmd: string, args: string[]): string {
   const r = spawnSync(cmd, args, { encoding: 'utf8' });
   return `${r.stdout ?? ''}${r.stderr ?? ''}`.split('\n')[0]?.trim() || 'absent';
@@ -57,17 +56,33 @@ async function packageVersion(name: string): Promise<string> {
   }
 }
 
-/** CPU seconds all processes on the machine spent busy (not idle or iowait), from /proc/stat. */
-function machineBusySeconds(): number {
-  const f = readFileSync('/proc/stat', 'latin1').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
-  const total = f.slice(0, 8).reduce((a, b) => a + b, 0);
-  return (total - f[3]! - f[4]!) / 100;
+const parts = ['http', 'ws', 'idle'] as const;
+const resultsFile = new URL('../results/proxy.md', import.meta.url);
+
+/**
+ * Runs the benchmark's parts (env BENCH_PROXY_PARTS, comma-separated; all by default) and returns the report: `http`
+ * is wrk's sections and the TLS handshakes, `ws` the WebSocket round trips, `idle` the memory per idle connection.
+ * Without `http`, the sections measured replace their namesakes in the committed results and the rest is kept.
+ */
+export async function benchProxy(opts: BenchProxyOptions = {}): Promise<string> {
+  const wanted = new Set((process.env['BENCH_PROXY_PARTS'] ?? parts.join(',')).split(','));
+  const unknown = [...wanted].filter((p) => !(parts as readonly string[]).includes(p));
+  if (unknown.length > 0) throw new Error(`BENCH_PROXY_PARTS: unknown part ${unknown.join(', ')} (parts: ${parts.join(', ')})`);
+  const rounds = opts.rounds ?? envNumber('BENCH_PROXY_ROUNDS') ?? 3;
+  const seconds = opts.seconds ?? envNumber('BENCH_PROXY_SECONDS') ?? 3;
+  const sections = wanted.has('http') ? [await benchHttp({ ...opts, rounds, seconds })] : [];
+  const dir = await mkdtemp(join(tmpdir(), 'tarmac-bench-proxy-'));
+  try {
+    if (wanted.has('ws')) sections.push(await benchWebSocket({ dir, rounds, seconds }));
+    if (wanted.has('idle')) sections.push(await benchIdle({ dir, rounds }));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+  return wanted.has('http') ? sections.join('') : spliceSections(await readFile(resultsFile, 'utf8'), sections.join(''));
 }
 
-const loadavg = () => spawnSync('cat', ['/proc/loadavg'], { encoding: 'utf8' }).stdout.trim().split(' ').slice(0, 3).join(' ');
-
-/** Runs the whole benchmark (bounded: about rounds x targets x connection counts x seconds) and returns the report. */
-export async function benchProxy(opts: BenchProxyOptions = {}): Promise<string> {
+/** wrk's sections and the TLS handshakes (bounded: about rounds x targets x connection counts x seconds). */
+async function benchHttp(opts: BenchProxyOptions): Promise<string> {
   const rounds = opts.rounds ?? envNumber('BENCH_PROXY_ROUNDS') ?? 3;
   const seconds = opts.seconds ?? envNumber('BENCH_PROXY_SECONDS') ?? 3;
   const conns = opts.connections ?? [1, 64];
@@ -136,7 +151,8 @@ export async function benchProxy(opts: BenchProxyOptions = {}): Promise<string> 
       fastify: await packageVersion('fastify'),
       fastifyProxy: await packageVersion('@fastify/http-proxy'),
     };
-    return report({ started, rounds, seconds, conns, targets, runs, loadBefore, loadAfter, otherLoad, versions });
+    const tls = await benchTls({ dir, backendPort: backend.port, rounds, seconds });
+    return report({ started, rounds, seconds, conns, targets, runs, loadBefore, loadAfter, otherLoad, versions }) + tls;
   } finally {
     for (const p of peers.reverse()) await p.stop();
     await rm(dir, { recursive: true, force: true });

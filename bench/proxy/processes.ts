@@ -49,7 +49,8 @@ async function stopChild(child: ChildProcess, exited: Promise<void>, signal: Nod
 }
 
 /** Starts a server that listens on a known port; resolves once the port accepts connections. */
-async function startListening(name: string, cmd: string, args: string[], port: number, stopSignal: NodeJS.Signals): Promise<Peer> {
+/** Starts `cmd` and resolves once `port` accepts connections; stopping sends `stopSignal`. */
+export async function startListening(name: string, cmd: string, args: string[], port: number, stopSignal: NodeJS.Signals): Promise<Peer> {
   const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   const { exited, stderr } = track(name, child);
   const deadline = Date.now() + 10_000;
@@ -63,10 +64,10 @@ async function startListening(name: string, cmd: string, args: string[], port: n
   return { name, port, pid: child.pid!, stop: () => stopChild(child, exited, stopSignal) };
 }
 
-/** Starts a Node script (through tsx) that prints `{"port":N}` on its first stdout line when ready. */
-export async function startNodeScript(name: string, script: string, args: string[], nodeArgs: string[] = []): Promise<Peer> {
+/** Starts a Node script (through tsx) that prints `{"port":N}` on its first stdout line when ready; `env` adds to the environment. */
+export async function startNodeScript(name: string, script: string, args: string[], nodeArgs: string[] = [], env: Record<string, string> = {}): Promise<Peer> {
   const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(repoRoot, 'bench/proxy', script), ...args], {
-    cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_ENV: 'production' },
+    cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_ENV: 'production', ...env },
   });
   const { exited, stderr } = track(name, child);
   const port = await new Promise<number>((resolve, reject) => {
@@ -123,33 +124,54 @@ http {
   return startNginx('nginx', dir, 'proxy.conf', conf, port);
 }
 
-function nginxCommon(dir: string, workers: number | 'auto'): string {
+/** The top of an nginx config: `workers` processes of `connections` each, log and pid file in `dir`. */
+export function nginxCommon(dir: string, workers: number | 'auto', connections = 4096): string {
   return `worker_processes ${workers};
 error_log ${dir}/nginx-error.log warn;
 pid ${dir}/nginx-${Math.random().toString(36).slice(2)}.pid;
-events { worker_connections 4096; }`;
+events { worker_connections ${connections}; }`;
 }
 
-async function startNginx(name: string, dir: string, file: string, conf: string, port: number): Promise<Peer> {
+/** Writes `conf` to `dir`/`file` and runs nginx on it in the foreground until stopped. */
+export async function startNginx(name: string, dir: string, file: string, conf: string, port: number): Promise<Peer> {
   const path = join(dir, file);
   await writeFile(path, conf);
   return startListening(name, 'nginx', ['-p', `${dir}/`, '-c', path, '-e', `${dir}/nginx-error.log`, '-g', 'daemon off;'], port, 'SIGTERM');
 }
 
-/** HAProxy in http mode with keep-alive and connection reuse to the backend, one thread per core (its default). */
-export async function startHaproxy(dir: string, backendPort: number): Promise<Peer> {
+/** What a benchmark changes in the HAProxy config: its lines are added, replacing the `timeout X` or `maxconn` line they set. */
+export interface HaproxyTuning {
+  /** Config file name (several HAProxy configs in one dir). Default haproxy.cfg. */
+  file?: string;
+  /** `global` section lines, e.g. `maxconn 12000`. */
+  global?: string[];
+  /** `defaults` section lines, e.g. `timeout client 60s`. */
+  defaults?: string[];
+}
+
+/** Lines of `base` that `over` does not replace (same `timeout X`, or `maxconn`), then `over`. */
+function tune(base: string[], over: string[] = []): string[] {
+  const key = (line: string) => (/^(timeout \S+|maxconn)\b/.exec(line)?.[1] ?? line);
+  const overridden = new Set(over.map(key));
+  return [...base.filter((l) => !overridden.has(key(l))), ...over];
+}
+
+/**
+ * HAProxy in http mode with keep-alive and connection reuse to the backend, one thread per core (its default);
+ * `tuning` adjusts it for one benchmark.
+ */
+export async function startHaproxy(dir: string, backendPort: number, tuning: HaproxyTuning = {}): Promise<Peer> {
   const port = await freePort();
-  const path = join(dir, 'haproxy.cfg');
+  const path = join(dir, tuning.file ?? 'haproxy.cfg');
+  const global = tune(['maxconn 4096'], tuning.global);
+  const defaults = tune([
+    'mode http', 'option http-keep-alive', 'option forwardfor', 'http-reuse always',
+    'timeout connect 5s', 'timeout client 30s', 'timeout server 30s',
+  ], tuning.defaults);
   await writeFile(path, `global
-  maxconn 4096
+${global.map((l) => `  ${l}`).join('\n')}
 defaults
-  mode http
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
+${defaults.map((l) => `  ${l}`).join('\n')}
 frontend fe
   bind 127.0.0.1:${port}
   default_backend be
@@ -157,6 +179,45 @@ backend be
   server b1 127.0.0.1:${backendPort}
 `);
   return startListening('HAProxy', 'haproxy', ['-db', '-f', path], port, 'SIGTERM');
+}
+
+/** nginx terminating TLS 1.2/1.3 with `cert`/`key` and answering 200 itself; no session cache or tickets (every handshake is new). */
+export async function startNginxTls(dir: string, cert: string, key: string): Promise<Peer> {
+  const port = await freePort();
+  const conf = `${nginxCommon(dir, 'auto')}
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:${port} ssl backlog=4096;
+    ssl_certificate ${cert};
+    ssl_certificate_key ${key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location / { default_type text/plain; return 200 "ok\\n"; }
+  }
+}
+`;
+  return startNginx('nginx TLS', dir, 'tls.conf', conf, port);
+}
+
+/** HAProxy terminating TLS 1.2/1.3 with `pem` (certificate and key in one file), answering 200 itself; no session cache or tickets. */
+export async function startHaproxyTls(dir: string, pem: string): Promise<Peer> {
+  const port = await freePort();
+  const path = join(dir, 'haproxy-tls.cfg');
+  await writeFile(path, `global
+  maxconn 4096
+  tune.ssl.cachesize 0
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:${port} ssl crt ${pem} ssl-min-ver TLSv1.2 no-tls-tickets
+  http-request return status 200 content-type text/plain string ok
+`);
+  return startListening('HAProxy TLS', 'haproxy', ['-db', '-f', path], port, 'SIGTERM');
 }
 
 /** Clock ticks per second of /proc times (USER_HZ; 100 on Linux). */

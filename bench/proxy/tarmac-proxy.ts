@@ -1,18 +1,19 @@
 // Benchmark peer: Tarmac's proxy in its own process over a real SQLite catalog whose one app points at the backend.
-// Usage: node --import tsx bench/proxy/tarmac-proxy.ts DATA_DIR BACKEND_PORT [WORKERS]; prints {"port":N} when ready.
-// WORKERS > 1 runs the proxy as a node:cluster of that many workers (startProxyCluster).
+// Usage: node --import tsx bench/proxy/tarmac-proxy.ts DATA_DIR BACKEND_PORT [WORKERS] [CERT_DIR]; prints {"port":N} when ready.
+// WORKERS > 1 runs the proxy as a node:cluster of that many workers (startProxyCluster). With CERT_DIR it also listens
+// for HTTPS (self-signed certificates kept in CERT_DIR) and N is the HTTPS port.
 import { join } from 'node:path';
 import { openSqliteCatalog } from '../../src/catalog/index.ts';
 import { startProxy, startProxyCluster } from '../../src/proxy/index.ts';
 import { silentLogger } from '../../src/shared/log.ts';
 
-const [dataDir, backendPort, workers = '1'] = process.argv.slice(2);
+const [dataDir, backendPort, workers = '1', certDir] = process.argv.slice(2);
 if (dataDir === undefined || backendPort === undefined) throw new Error('usage: tarmac-proxy.ts DATA_DIR BACKEND_PORT [WORKERS]');
 
 const benchApp = 'bench';
 const now = new Date().toISOString();
 const id = '0000000000b0b0';
-const catalog = openSqliteCatalog(join(dataDir, `catalog-${workers}.sqlite`));
+const catalog = openSqliteCatalog(join(dataDir, `catalog-${workers}${certDir === undefined ? '' : '-tls'}.sqlite`));
 await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: now });
 await catalog.putHost({ id: 'h1', region: 'local', roles: ['worker'], host_number: 1, cpus: 2, memory_mb: 4096, address: '127.0.0.1', updated_at: now });
 await catalog.createApp({ name: benchApp, org_slug: 'personal', network: 'default', created_at: now });
@@ -25,11 +26,14 @@ await catalog.createMachine({
 }, []);
 await catalog.putMachineStatus({ id, app: benchApp, state: 'started', instance_id: `01INST${id}`, restarts: 0, restart_generation: 0, updated_at: now });
 
-const opts = { catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'bench' };
+const opts = {
+  catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'bench',
+  ...(certDir === undefined ? {} : { https: { host: '127.0.0.1', port: 0 }, certificatesDir: certDir }),
+};
 const proxy = Number(workers) > 1
   ? await startProxyCluster({ ...opts, workers: Number(workers), logLevel: 'silent' })
   : await startProxy(opts);
-process.stdout.write(`${JSON.stringify({ port: proxy.address.port })}\n`);
+process.stdout.write(`${JSON.stringify({ port: certDir === undefined ? proxy.address.port : proxy.httpsAddress!.port })}\n`);
 
 process.once('SIGTERM', () => {
   void proxy.close().then(() => catalog.close()).then(() => process.exit(0));

@@ -6,6 +6,7 @@ import type { Catalog } from '../catalog/index.ts';
 import { TarmacError } from '../shared/errors.ts';
 import { newUlid } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
+import type { IpPool } from '../shared/ip-pool.ts';
 import { makeAuthenticator } from './auth.ts';
 import { sendError, sendJson } from './http.ts';
 import { embeddedFleetView, type FleetView } from './hosts.ts';
@@ -29,6 +30,8 @@ export interface ApiOptions {
   workers?: WorkerLink;
   /** The fleet's catalog copies (etcd catalog); default: the embedded catalog's, always current. */
   fleet?: FleetView;
+  /** Where app addresses come from (POST /v1/apps/{app}/ip_assignments); default: none, so allocation fails with a 412. */
+  ipPool?: IpPool;
   /** Closes the server when aborted. */
   signal?: AbortSignal;
 }
@@ -50,7 +53,7 @@ const methods = ['GET', 'POST', 'DELETE'] as const;
 export async function startApi(opts: ApiOptions): Promise<RunningApi> {
   const log = opts.log.child({ component: 'api' });
   const fleet = opts.fleet ?? embeddedFleetView(opts.catalog);
-  const deps: Deps = { catalog: opts.catalog, region: opts.region, workers: opts.workers, fleet };
+  const deps: Deps = { catalog: opts.catalog, region: opts.region, workers: opts.workers, fleet, ipPool: opts.ipPool ?? { v4: [], v6: [] } };
   const authenticate = makeAuthenticator(opts.catalog, opts.adminToken);
   const closing = new AbortController();
 

@@ -53,6 +53,8 @@ export function presentMachine(m: Machine, events: MachineEvent[], lease?: Lease
     desired_state: spec.desired,
   };
   if (lease && lease.expires_at > Date.now() / 1000) out.nonce = lease.nonce;
+  // Check results belong to the instance the worker runs: shown while it is the current one.
+  if (status?.checks && status.instance_id === spec.instance_id) out.checks = status.checks.map((c) => ({ ...c }));
   return out;
 }
 

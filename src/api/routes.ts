@@ -14,6 +14,10 @@ import { canSeeOrg, visibleApp, type Principal } from './auth.ts';
 import { readJsonBody, sendJson } from './http.ts';
 import { parseInput } from '../shared/validation.ts';
 import { listHosts, type FleetView } from './hosts.ts';
+import { certificateRoutes } from './certificates.ts';
+import { ipRoutes } from './ips.ts';
+import { wireguardRoutes } from './wireguard.ts';
+import type { IpPool } from '../shared/ip-pool.ts';
 import { demandOf, fits, placeMachine, usedOn } from './placement.ts';
 import { machineEventsShown, machineState, presentApp, presentEvent, presentLease, presentMachine } from './present.ts';
 
@@ -31,6 +35,8 @@ export interface Deps {
   region: string;
   workers: WorkerLink | undefined;
   fleet: FleetView;
+  /** Where app addresses (ip_assignments) come from. */
+  ipPool: IpPool;
 }
 
 export interface Ctx {
@@ -282,7 +288,7 @@ async function deleteApp(ctx: Ctx): Promise<void> {
   // Fly asks for stopped machines or `?force=true`; Tarmac always takes the machines down with the app
   // (deliberate: nothing is left half-deleted). `force` is still checked to be a boolean.
   flag(ctx.query, 'force');
-  await catalog.deleteApp(app.name);
+  await catalog.deleteApp(app.name, app.org_slug); // the org is checked again on the catalog itself, not this copy
   ctx.log.info({ app: app.name }, 'app deleted');
   ctx.res.writeHead(202, { 'content-length': 0 }).end();
 }
@@ -728,4 +734,7 @@ export const routes: Route[] = [
   { method: 'POST', path: '/v1/apps/:app/machines/:id/cordon', handler: (ctx) => setCordon(ctx, true) },
   { method: 'POST', path: '/v1/apps/:app/machines/:id/uncordon', handler: (ctx) => setCordon(ctx, false) },
   { method: 'GET', path: '/v1/hosts', handler: listHosts },
+  ...certificateRoutes,
+  ...ipRoutes,
+  ...wireguardRoutes,
 ];

@@ -1,7 +1,7 @@
 // The catalog conformance suite: every Catalog backend runs these same cases.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { Catalog, ChangeBatch, MachineSpec, MachineStatus } from './types.ts';
+import type { Catalog, Certificate, ChangeBatch, IpAssignment, MachineSpec, MachineStatus } from './types.ts';
 import { TarmacError } from '../shared/errors.ts';
 
 const now = () => new Date().toISOString();
@@ -37,7 +37,9 @@ export function runCatalogConformance(name: string, open: () => Promise<{ catalo
     assert.equal(await code(() => c.createApp({ name: 'x', org_slug: 'nope', network: 'default', created_at: now() })), 'not_found');
     await c.createMachine(spec('m1', 'web', 'one'), []);
     assert.deepEqual(c.listApps('personal').map((a) => a.name), ['web']);
-    await c.deleteApp('web');
+    assert.equal(await code(() => c.deleteApp('web', 'another-org')), 'app_not_found', 'a delete on behalf of another org finds nothing');
+    assert.ok(c.getApp('web'));
+    await c.deleteApp('web', 'personal');
     assert.equal(c.getApp('web'), undefined);
     assert.equal(c.getMachine('m1'), undefined);
     assert.equal(await code(() => c.deleteApp('web')), 'app_not_found');
@@ -120,6 +122,91 @@ export function runCatalogConformance(name: string, open: () => Promise<{ catalo
     await c.putLease(lease('n3', -1), undefined);
     await c.putLease(lease('n4', 30), undefined); // the expired lease does not hold
     assert.equal(c.getLease('m1')?.nonce, 'n4');
+  });
+
+  test(`${name}: certificates belong to one app per host name, change events name them, and leave with their app`, async (t) => {
+    const c = await withCatalog(t);
+    await c.createApp({ name: 'web', org_slug: 'personal', network: 'default', created_at: now() });
+    await c.createApp({ name: 'api', org_slug: 'personal', network: 'default', created_at: now() });
+    const seen: ChangeBatch[] = [];
+    t.after(c.subscribe((b) => seen.push(b)));
+    const cert = (hostname: string, app: string, over: Partial<Certificate> = {}): Certificate => ({
+      hostname, app, source: 'custom', fullchain: '-----BEGIN CERTIFICATE-----', private_key: '-----BEGIN PRIVATE KEY-----',
+      issuer: 'CN=test', subject: `CN=${hostname}`, not_before: now(), not_after: now(), fingerprint_sha256: 'AA', created_at: now(), ...over,
+    });
+    await c.putCertificate(cert('www.example.com', 'web'));
+    await c.putCertificate(cert('*.example.org', 'web'));
+    await c.putCertificate(cert('api.example.com', 'api'));
+    assert.equal(await code(() => c.putCertificate(cert('www.example.com', 'api'))), 'name_taken');
+    assert.equal(await code(() => c.putCertificate(cert('x.example.com', 'nope'))), 'app_not_found');
+    await c.putCertificate(cert('www.example.com', 'web', { issuer: 'CN=renewed' }));
+    assert.equal(c.getCertificate('www.example.com')?.issuer, 'CN=renewed', 'the app replaces its own certificate');
+    assert.deepEqual(c.listCertificates('web').map((x) => x.hostname), ['*.example.org', 'www.example.com']);
+    assert.deepEqual(c.listCertificates().map((x) => x.hostname), ['*.example.org', 'api.example.com', 'www.example.com']);
+    const apiApp = c.getCertificate('api.example.com')!.app;
+    assert.equal(await code(() => c.deleteCertificate('api.example.com', `not-${apiApp}`)), 'not_found', 'only its app deletes a certificate');
+    assert.ok(c.getCertificate('api.example.com'));
+    await c.deleteCertificate('api.example.com', apiApp);
+    assert.equal(c.getCertificate('api.example.com'), undefined);
+    assert.equal(await code(() => c.deleteCertificate('api.example.com')), 'not_found');
+    await c.deleteApp('web');
+    assert.deepEqual(c.listCertificates(), []);
+    await c.putCertificate(cert('www.example.com', 'api')); // the host name is free again
+    const changes = seen.flatMap((b) => b.changes).filter((ch) => ch.kind === 'certificate').map((ch) => `${ch.op} ${ch.key}`);
+    assert.deepEqual(changes.slice(0, 5), ['put www.example.com', 'put *.example.org', 'put api.example.com', 'put www.example.com', 'delete api.example.com']);
+    assert.deepEqual(changes.slice(5, 7).sort(), ['delete *.example.org', 'delete www.example.com'], 'deleting the app deletes its certificates');
+    assert.deepEqual(changes.slice(7), ['put www.example.com']);
+    const put = seen.flatMap((b) => b.changes).find((ch) => ch.kind === 'certificate' && ch.op === 'put');
+    assert.equal(put?.kind === 'certificate' ? put.value?.private_key : undefined, '-----BEGIN PRIVATE KEY-----', 'subscribers (the proxy) get the key');
+  });
+
+  test(`${name}: a compare-and-swap certificate put lands only on the row it expects (the ACME lock)`, async (t) => {
+    const c = await withCatalog(t);
+    await c.createApp({ name: 'web', org_slug: 'personal', network: 'default', created_at: now() });
+    const pending: Certificate = {
+      hostname: 'www.example.com', app: 'web', source: 'acme', fullchain: '', private_key: '', issuer: '', subject: '',
+      not_before: '', not_after: '', fingerprint_sha256: '', created_at: now(), acme: { status: 'pending', challenges: [], updated_at: now() },
+    };
+    await c.putCertificate(pending, { expect: undefined });
+    assert.equal(await code(() => c.putCertificate(pending, { expect: undefined })), 'conflict', 'expect-absent fails once the row exists');
+    const held = c.getCertificate('www.example.com');
+    const claims = await Promise.all(['h1', 'h2'].map((host_id) => code(() => c.putCertificate(
+      { ...pending, acme: { ...pending.acme!, host_id } }, { expect: held },
+    ))));
+    assert.deepEqual(claims.sort(), ['conflict', 'ok'], 'of two hosts taking the same row one wins');
+    assert.ok(['h1', 'h2'].includes(c.getCertificate('www.example.com')?.acme?.host_id ?? ''));
+  });
+
+  test(`${name}: an address is assigned to one app at a time and leaves with its app`, async (t) => {
+    const c = await withCatalog(t);
+    await c.createApp({ name: 'web', org_slug: 'personal', network: 'default', created_at: now() });
+    await c.createApp({ name: 'api', org_slug: 'personal', network: 'default', created_at: now() });
+    const seen: ChangeBatch[] = [];
+    t.after(c.subscribe((b) => seen.push(b)));
+    const ip = (addr: string, app: string): IpAssignment => ({ ip: addr, app, type: addr.includes(':') ? 'v6' : 'v4', region: 'global', created_at: now() });
+    await c.createIpAssignment(ip('127.0.1.1', 'web'));
+    await c.createIpAssignment(ip('fdaa:ffff::1', 'web'));
+    assert.equal(await code(() => c.createIpAssignment(ip('127.0.1.1', 'api'))), 'name_taken');
+    assert.equal(await code(() => c.createIpAssignment(ip('127.0.1.1', 'web'))), 'name_taken', 'not even to its own app twice');
+    assert.equal(await code(() => c.createIpAssignment(ip('127.0.1.2', 'nope'))), 'app_not_found');
+    const raced = await Promise.all([1, 2, 3].map(() => code(() => c.createIpAssignment(ip('127.0.1.3', 'api')))));
+    assert.deepEqual(raced.sort(), ['name_taken', 'name_taken', 'ok'], 'of concurrent assignments of one address one wins');
+    assert.equal(c.getIpAssignment('127.0.1.1')?.app, 'web');
+    assert.deepEqual(c.listIpAssignments('web').map((x) => x.ip), ['127.0.1.1', 'fdaa:ffff::1']);
+    assert.deepEqual(c.listIpAssignments().map((x) => x.ip), ['127.0.1.1', '127.0.1.3', 'fdaa:ffff::1']);
+    const ipApp = c.getIpAssignment('127.0.1.3')!.app;
+    assert.equal(await code(() => c.deleteIpAssignment('127.0.1.3', `not-${ipApp}`)), 'not_found', 'only its app releases an address');
+    assert.ok(c.getIpAssignment('127.0.1.3'));
+    await c.deleteIpAssignment('127.0.1.3', ipApp);
+    assert.equal(c.getIpAssignment('127.0.1.3'), undefined);
+    assert.equal(await code(() => c.deleteIpAssignment('127.0.1.3')), 'not_found');
+    await c.deleteApp('web');
+    assert.deepEqual(c.listIpAssignments(), []);
+    await c.createIpAssignment(ip('127.0.1.1', 'api')); // free again
+    const changes = seen.flatMap((b) => b.changes).filter((ch) => ch.kind === 'ip').map((ch) => `${ch.op} ${ch.key}`);
+    assert.deepEqual(changes.slice(0, 4), ['put 127.0.1.1', 'put fdaa:ffff::1', 'put 127.0.1.3', 'delete 127.0.1.3']);
+    assert.deepEqual(changes.slice(4, 6).sort(), ['delete 127.0.1.1', 'delete fdaa:ffff::1'], 'deleting the app releases its addresses');
+    assert.deepEqual(changes.slice(6), ['put 127.0.1.1']);
   });
 
   test(`${name}: counters allocate distinct numbers`, async (t) => {

@@ -1,13 +1,16 @@
 // The etcd catalog: fleet state in an etcd cluster, read from a host-local SQLite mirror, written by compare-and-swap.
-import { ConsecutiveBreaker, circuitBreaker, handleWhen, retry } from 'cockatiel';
+import { channel } from 'node:diagnostics_channel';
+import { ConsecutiveBreaker, circuitBreaker, handleWhen, noop } from 'cockatiel';
 import { Etcd3, isRecoverableError, type ICompare, type IRequestOp, type ITxnResponse, type Lease as EtcdLease } from 'etcd3';
 import type { Logger } from '../shared/log.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
+import { checkCertificateCas } from './certificates.ts';
+import { TxnRunner } from './etcd-txn.ts';
 import { catalogKeys, prefixEnd, type CatalogKeys } from './keys.ts';
-import { hostMirrorStatusSchema, hostStatusKey, openMirror, type HostMirrorStatus, type Mirror } from './mirror.ts';
-import { hostSchema, leaseSchema, machineSpecSchema } from './schemas.ts';
+import { briefError, hostMirrorStatusSchema, hostStatusKey, openMirror, type HostMirrorStatus, type Mirror } from './mirror.ts';
+import { appSchema, certificateSchema, hostSchema, ipAssignmentSchema, leaseSchema, machineSpecSchema } from './schemas.ts';
 import type {
-  ApiToken, App, Catalog, ChangeBatch, Host, HostRegistration, Lease, Machine, MachineEvent, MachineFilter,
+  ApiToken, App, Catalog, Certificate, ChangeBatch, Expect, Host, HostRegistration, IpAssignment, Lease, Machine, MachineEvent, MachineFilter,
   MachineSpec, MachineStatus, Org,
 } from './types.ts';
 
@@ -19,14 +22,18 @@ export interface EtcdCatalogOptions {
   /** The host-local SQLite copy. */
   mirrorPath: string;
   log: Logger;
-  /** Deadline of one etcd call; writes fail with 'unavailable' past it. Default 3000 ms. */
+  /** Time for one etcd call over all its attempts; writes fail with 'unavailable' past it. Default 3000 ms. */
   callTimeoutMs?: number;
+  /** Deadline of one attempt of a transaction, after which it is tried on another member (a dead leader). Default 1000 ms. */
+  attemptTimeoutMs?: number;
   /** How long a committed write waits for the local copy to apply it. Default 10000 ms. */
   catchUpTimeoutMs?: number;
   /** Watch liveness check interval. Default 1000 ms. */
   heartbeatMs?: number;
   /** Keys per page when loading the whole catalog. Default 2000. */
   pageSize?: number;
+  /** How long an empty local copy waits for etcd before opening fails; an existing copy opens at once. Default 30000 ms. */
+  loadTimeoutMs?: number;
 }
 
 export type { HostMirrorStatus } from './mirror.ts';
@@ -42,6 +49,7 @@ export interface EtcdHostRegistration extends HostRegistration {
 
 /** The etcd backend's extras beyond the Catalog contract: the mirror's progress and freshness, hosts' mirror statuses. */
 export interface EtcdCatalog extends Catalog {
+  /** Registers the host; while etcd is unreachable it resolves at once and registers in the background when etcd is back. */
   registerHost(host: Host, ttlSeconds: number): Promise<EtcdHostRegistration>;
   /** Every host's last published mirror status, from the local copy. */
   hostStatuses(): HostMirrorStatus[];
@@ -63,13 +71,16 @@ export async function openEtcdCatalog(opts: EtcdCatalogOptions): Promise<EtcdCat
     hosts: opts.endpoints.map((e) => (e.includes('://') ? e : `http://${e}`)),
     grpcOptions: {
       'grpc.max_receive_message_length': 256 * 1024 * 1024,
+      // HTTP/2's default 64 KiB window stalls etcd mid-page while this thread checks the page before (a full reload).
+      'grpc-node.flow_control_window': 16 * 1024 * 1024,
       'grpc.initial_reconnect_backoff_ms': 100,
       'grpc.max_reconnect_backoff_ms': 1_000,
     },
     defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
     faultHandling: {
       host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: 1_000, breaker: new ConsecutiveBreaker(3) }),
-      global: retry(handleWhen(isRecoverableError), { maxAttempts: 2 }),
+      // No blind retries: a transaction is retried by TxnRunner, which knows when that is safe.
+      global: noop,
     },
   });
   let mirror: Mirror;
@@ -78,12 +89,14 @@ export async function openEtcdCatalog(opts: EtcdCatalogOptions): Promise<EtcdCat
       client, prefix, path: opts.mirrorPath, log: opts.log,
       ...(opts.heartbeatMs !== undefined ? { heartbeatMs: opts.heartbeatMs } : {}),
       ...(opts.pageSize !== undefined ? { pageSize: opts.pageSize } : {}),
+      ...(opts.loadTimeoutMs !== undefined ? { loadTimeoutMs: opts.loadTimeoutMs } : {}),
     });
   } catch (e) {
     client.close();
     throw e;
   }
-  return new EtcdBackend(client, mirror, catalogKeys(prefix), opts.log, opts.catchUpTimeoutMs ?? 10_000);
+  const txns = new TxnRunner(client, { callTimeoutMs, attemptTimeoutMs: opts.attemptTimeoutMs ?? 1_000 });
+  return new EtcdBackend(client, txns, mirror, catalogKeys(prefix), opts.log, opts.catchUpTimeoutMs ?? 10_000);
 }
 
 const b = (s: string) => Buffer.from(s);
@@ -102,12 +115,20 @@ const modIs = (key: string, rev: string | number): ICompare => ({ key: b(key), t
 const rangeUnchangedSince = (prefix: string, rev: string): ICompare =>
   ({ key: b(prefix), range_end: prefixEnd(prefix), target: 'Mod', result: 'Less', mod_revision: String(BigInt(rev) + 1n) });
 
+/** Name of the diagnostics channel carrying one EtcdCommitEvent per write transaction etcd answered. */
+export const etcdCommitChannel = 'tarmac:catalog:etcd:commit';
+
+/** Published on `tarmac:catalog:etcd:commit` when etcd answers a write, before the local copy has applied it. */
+export interface EtcdCommitEvent { ops: IRequestOp[]; succeeded: boolean; revision: number; /** performance.now() */ at: number }
+const commitEvents = channel(etcdCommitChannel);
+
 /** Ops per transaction, under etcd's default --max-txn-ops of 128. */
 const maxOps = 120;
 const casAttempts = 20;
 
 class EtcdBackend implements EtcdCatalog {
   readonly #client: Etcd3;
+  readonly #txns: TxnRunner;
   readonly #mirror: Mirror;
   readonly #k: CatalogKeys;
   readonly #log: Logger;
@@ -115,8 +136,9 @@ class EtcdBackend implements EtcdCatalog {
   readonly #registrations = new Set<HostRegistration>();
   #closed = false;
 
-  constructor(client: Etcd3, mirror: Mirror, keys: CatalogKeys, log: Logger, catchUpMs: number) {
+  constructor(client: Etcd3, txns: TxnRunner, mirror: Mirror, keys: CatalogKeys, log: Logger, catchUpMs: number) {
     this.#client = client;
+    this.#txns = txns;
     this.#mirror = mirror;
     this.#k = keys;
     this.#log = log;
@@ -142,15 +164,19 @@ class EtcdBackend implements EtcdCatalog {
   getLease(machine_id: string): Lease | undefined { return this.#mirror.store.getLease(machine_id); }
   getHost(id: string): Host | undefined { return this.#mirror.store.getHost(id); }
   listHosts(): Host[] { return this.#mirror.store.listHosts(); }
+  getCertificate(hostname: string): Certificate | undefined { return this.#mirror.store.getCertificate(hostname); }
+  listCertificates(app?: string): Certificate[] { return this.#mirror.store.listCertificates(app); }
+  getIpAssignment(ip: string): IpAssignment | undefined { return this.#mirror.store.getIpAssignment(ip); }
+  listIpAssignments(app?: string): IpAssignment[] { return this.#mirror.store.listIpAssignments(app); }
   subscribe(fn: (batch: ChangeBatch) => void): () => void { return this.#mirror.subscribe(fn); }
 
   // ---- etcd calls ----
 
-  /** One etcd transaction; unreachable etcd becomes 'unavailable'. */
-  async #txn(compare: ICompare[], success: IRequestOp[], failure: IRequestOp[] = []): Promise<ITxnResponse> {
+  /** One etcd transaction, failing over between members (see TxnRunner); unreachable etcd becomes 'unavailable'. */
+  async #txn(compare: ICompare[], success: IRequestOp[], failure: IRequestOp[] = [], verify = true): Promise<ITxnResponse> {
     if (this.#closed) throw new TarmacError('unavailable', 'the catalog is closed');
     try {
-      return await this.#client.kv.txn({ compare, success, failure });
+      return await this.#txns.run({ compare, success, failure, verify });
     } catch (e) {
       throw this.#unavailable(e);
     }
@@ -160,7 +186,7 @@ class EtcdBackend implements EtcdCatalog {
     if (e instanceof TarmacError) return e;
     const stale = this.#mirror.staleness();
     // grpc's messages run on for lines ("Resolution note: …"): the first sentence is what says why.
-    const why = errorMessage(e).split(/\.\s|\n/)[0]!.slice(0, 160);
+    const why = briefError(e);
     return new TarmacError('unavailable',
       `the catalog (etcd) is unreachable, so changes cannot be made now (${why}); reads are served from this host's copy` +
       `${Number.isFinite(stale) ? `, last in touch ${Math.round(stale / 1000)} s ago` : ''}; retry when etcd is back`, { cause: e });
@@ -174,6 +200,7 @@ class EtcdBackend implements EtcdCatalog {
 
   async #write(ops: IRequestOp[], compare: ICompare[] = []): Promise<ITxnResponse> {
     const res = await this.#txn(compare, ops);
+    if (commitEvents.hasSubscribers) commitEvents.publish({ ops, succeeded: res.succeeded, revision: Number(res.header.revision), at: performance.now() } satisfies EtcdCommitEvent);
     if (res.succeeded) await this.#settle(res);
     return res;
   }
@@ -206,20 +233,32 @@ class EtcdBackend implements EtcdCatalog {
     await this.#settle(res);
   }
 
-  async deleteApp(name: string): Promise<void> {
+  async deleteApp(name: string, org?: string): Promise<void> {
     const k = this.#k;
     for (let attempt = 0; attempt < casAttempts; attempt++) {
-      const read = await this.#txn([], [get(k.app(name)), getPrefix(k.appMachines(name))]);
+      const read = await this.#txn([], [get(k.app(name)), getPrefix(k.appMachines(name)), getPrefix(k.appCertificates(name)), getPrefix(k.appIps(name))]);
       const appKv = EtcdBackend.#rangeOf(read, 0)[0];
       if (!appKv) throw new TarmacError('app_not_found', `app "${name}" not found`);
+      if (org !== undefined && (this.#parseStored(appSchema, appKv.value, k.app(name)) as App).org_slug !== org) {
+        throw new TarmacError('app_not_found', `app "${name}" not found`);
+      }
       const ids = EtcdBackend.#rangeOf(read, 1).map((kv) => decodeURIComponent(kv.key.toString().slice(k.appMachines(name).length)));
-      const compare = [modIs(k.app(name), appKv.mod_revision), rangeUnchangedSince(k.appMachines(name), read.header.revision)];
+      const certs = EtcdBackend.#rangeOf(read, 2).map((kv) => decodeURIComponent(kv.key.toString().slice(k.appCertificates(name).length)));
+      const ips = EtcdBackend.#rangeOf(read, 3).map((kv) => decodeURIComponent(kv.key.toString().slice(k.appIps(name).length)));
+      const compare = [
+        modIs(k.app(name), appKv.mod_revision), rangeUnchangedSince(k.appMachines(name), read.header.revision),
+        rangeUnchangedSince(k.appCertificates(name), read.header.revision), rangeUnchangedSince(k.appIps(name), read.header.revision),
+      ];
       // An app with many machines goes in steps of whole machines; the app row goes last, with the indexes.
       const ops: IRequestOp[] = [];
+      let c = 0;
+      for (; c < certs.length && ops.length + 2 <= maxOps - 4; c++) ops.push(del(k.certificate(certs[c]!)), del(k.appCertificate(name, certs[c]!)));
+      let a = 0;
+      for (; a < ips.length && ops.length + 2 <= maxOps - 5; a++) ops.push(del(k.ip(ips[a]!)), del(k.appIp(name, ips[a]!)));
       let i = 0;
-      for (; i < ids.length && ops.length + 5 <= maxOps - 3; i++) ops.push(...this.#deleteMachineOps(ids[i]!), del(k.appMachine(name, ids[i]!)));
-      const final = i === ids.length;
-      if (final) ops.push(delPrefix(k.names(name)), delPrefix(k.appMachines(name)), del(k.app(name)));
+      for (; i < ids.length && ops.length + 5 <= maxOps - 4; i++) ops.push(...this.#deleteMachineOps(ids[i]!), del(k.appMachine(name, ids[i]!)));
+      const final = i === ids.length && c === certs.length && a === ips.length;
+      if (final) ops.push(delPrefix(k.names(name)), delPrefix(k.appMachines(name)), delPrefix(k.appCertificates(name)), delPrefix(k.appIps(name)), del(k.app(name)));
       const res = await this.#txn(compare, ops);
       if (!res.succeeded) continue; // a machine was added or the app changed meanwhile: look again
       await this.#settle(res);
@@ -359,12 +398,73 @@ class EtcdBackend implements EtcdCatalog {
     await this.#write([put(this.#k.host(host.id), json(hostSchema.parse(host)))]);
   }
 
+  async putCertificate(cert: Certificate, cas?: Expect<Certificate>): Promise<void> {
+    const k = this.#k;
+    const key = k.certificate(cert.hostname);
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const read = await this.#txn([], [get(key)]);
+      const kv = EtcdBackend.#rangeOf(read, 0)[0];
+      const held = kv ? (this.#parseStored(certificateSchema, kv.value, key) as Certificate) : undefined;
+      if (held && held.app !== cert.app) throw new TarmacError('name_taken', `host name "${cert.hostname}" already has a certificate in another app`);
+      checkCertificateCas(cert.hostname, held, cas);
+      const res = await this.#txn(
+        [exists(k.app(cert.app)), modIs(key, kv?.mod_revision ?? 0)],
+        [put(key, json(certificateSchema.parse(cert))), put(k.appCertificate(cert.app, cert.hostname), '')],
+        [get(k.app(cert.app))],
+      );
+      if (res.succeeded) return this.#settle(res);
+      if (EtcdBackend.#rangeOf(res, 0).length === 0) throw new TarmacError('app_not_found', `app "${cert.app}" not found`);
+    }
+    throw new TarmacError('conflict', `the certificate of ${cert.hostname} kept changing; retry`);
+  }
+
+  async deleteCertificate(hostname: string, app?: string): Promise<void> {
+    const k = this.#k;
+    const key = k.certificate(hostname);
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const kv = EtcdBackend.#rangeOf(await this.#txn([], [get(key)]), 0)[0];
+      const held = kv === undefined ? undefined : this.#parseStored(certificateSchema, kv.value, key) as Certificate;
+      if (kv === undefined || held === undefined || (app !== undefined && held.app !== app)) {
+        throw new TarmacError('not_found', `no certificate for host name "${hostname}"`);
+      }
+      const res = await this.#txn([modIs(key, kv.mod_revision)], [del(key), del(k.appCertificate(held.app, hostname))]);
+      if (res.succeeded) return this.#settle(res);
+    }
+    throw new TarmacError('conflict', `the certificate of ${hostname} kept changing; retry`);
+  }
+
+  async createIpAssignment(ip: IpAssignment): Promise<void> {
+    const k = this.#k;
+    const res = await this.#txn(
+      [exists(k.app(ip.app)), modIs(k.ip(ip.ip), 0)],
+      [put(k.ip(ip.ip), json(ipAssignmentSchema.parse(ip))), put(k.appIp(ip.app, ip.ip), '')],
+      [get(k.app(ip.app))],
+    );
+    if (!res.succeeded) {
+      if (EtcdBackend.#rangeOf(res, 0).length === 0) throw new TarmacError('app_not_found', `app "${ip.app}" not found`);
+      throw new TarmacError('name_taken', `address ${ip.ip} is already assigned`);
+    }
+    await this.#settle(res);
+  }
+
+  async deleteIpAssignment(ip: string, app?: string): Promise<void> {
+    const k = this.#k;
+    for (let attempt = 0; attempt < casAttempts; attempt++) {
+      const kv = EtcdBackend.#rangeOf(await this.#txn([], [get(k.ip(ip))]), 0)[0];
+      const held = kv === undefined ? undefined : this.#parseStored(ipAssignmentSchema, kv.value, k.ip(ip)) as IpAssignment;
+      if (kv === undefined || held === undefined || (app !== undefined && held.app !== app)) throw new TarmacError('not_found', `address ${ip} is not assigned`);
+      const res = await this.#txn([modIs(k.ip(ip), kv.mod_revision)], [del(k.ip(ip)), del(k.appIp(held.app, ip))]);
+      if (res.succeeded) return this.#settle(res);
+    }
+    throw new TarmacError('conflict', `the assignment of ${ip} kept changing; retry`);
+  }
+
   async registerHost(host: Host, ttlSeconds: number): Promise<EtcdHostRegistration> {
     const reg = new HostLease(
       this.#client, this.#k.host(host.id), hostStatusKey(this.#k.prefix, host.id), host, ttlSeconds, this.#log,
       (res) => this.#settle(res), (e) => this.#unavailable(e),
     );
-    await reg.register();
+    await reg.registerOrRetry();
     this.#registrations.add(reg);
     const close = reg.close.bind(reg);
     reg.close = async () => {
@@ -388,7 +488,8 @@ class EtcdBackend implements EtcdCatalog {
       const kv = EtcdBackend.#rangeOf(read, 0)[0];
       const next = kv ? Number(kv.value.toString()) : 1;
       if (!Number.isSafeInteger(next) || next < 1) throw new Error(`counter ${key} holds "${kv?.value.toString()}", not a positive integer`);
-      const res = await this.#txn([modIs(key, kv?.mod_revision ?? 0)], [put(key, String(next + 1))]);
+      // Not verified: another writer can put the same number; a failed compare reads again (a number may be skipped).
+      const res = await this.#txn([modIs(key, kv?.mod_revision ?? 0)], [put(key, String(next + 1))], [], false);
       if (res.succeeded) {
         await this.#settle(res);
         return next;
@@ -397,7 +498,7 @@ class EtcdBackend implements EtcdCatalog {
     throw new TarmacError('conflict', `counter ${key} is contended; retry`);
   }
 
-  #parseStored(schema: typeof machineSpecSchema | typeof leaseSchema, value: Buffer, key: string): unknown {
+  #parseStored(schema: typeof machineSpecSchema | typeof leaseSchema | typeof certificateSchema | typeof ipAssignmentSchema | typeof appSchema, value: Buffer, key: string): unknown {
     let parsed: unknown;
     try {
       parsed = JSON.parse(value.toString());
@@ -439,6 +540,17 @@ class HostLease implements EtcdHostRegistration {
     this.#host = hostSchema.parse(host) as Host;
   }
 
+  /** Registers now; if etcd is unreachable, goes on trying in the background (the host serves from its copy meanwhile). */
+  async registerOrRetry(): Promise<void> {
+    try {
+      await this.register();
+    } catch (e) {
+      if (!(e instanceof TarmacError) || e.code !== 'unavailable') throw e;
+      this.log.warn({ host: this.#host.id, err: briefError(e.cause ?? e) }, 'etcd unreachable; the host registers when it is back');
+      this.#scheduleRetry(500);
+    }
+  }
+
   async register(): Promise<void> {
     const lease = this.client.lease(this.ttlSeconds);
     this.#lease = lease;
@@ -461,7 +573,10 @@ class HostLease implements EtcdHostRegistration {
     this.#retry = setTimeout(() => {
       if (this.#closed) return;
       this.#lease?.release();
-      this.register().catch(() => this.#scheduleRetry(Math.min(ms * 2, 5_000)));
+      this.register().then(
+        () => this.log.info({ host: this.#host.id }, 'host registered with etcd'),
+        () => this.#scheduleRetry(Math.min(ms * 2, 5_000)),
+      );
     }, ms);
   }
 

@@ -10,6 +10,10 @@
 //   <prefix>events/<machine>/<event id>        MachineEvent   (API and worker; never rewritten)
 //   <prefix>leases/<machine>                   Lease          (API; CAS on mod_revision)
 //   <prefix>hosts/<id>                         Host           (that host, under an etcd lease with keepalive)
+//   <prefix>certificates/<hostname>            Certificate    (API; CAS on mod_revision, one app per host name)
+//   <prefix>app-certificates/<app>/<hostname>  ''             (API; membership index, so deleteApp finds every certificate)
+//   <prefix>ips/<ip>                           IpAssignment   (API; created only if absent, one app per address)
+//   <prefix>app-ips/<app>/<ip>                 ''             (API; membership index, so deleteApp finds every address)
 //   <prefix>host-status/<id>                   mirror report  (that host, same lease: applied revision, staleness)
 //   <prefix>counters/network                   next number    (CAS on mod_revision)
 //   <prefix>counters/machine-number/<host>     next number    (CAS on mod_revision)
@@ -34,6 +38,12 @@ export function catalogKeys(prefix: string) {
     event: (machine: string, id: string) => `${prefix}events/${enc(machine)}/${enc(id)}`,
     lease: (machine: string) => `${prefix}leases/${enc(machine)}`,
     host: (id: string) => `${prefix}hosts/${enc(id)}`,
+    certificate: (hostname: string) => `${prefix}certificates/${enc(hostname)}`,
+    appCertificates: (app: string) => `${prefix}app-certificates/${enc(app)}/`,
+    appCertificate: (app: string, hostname: string) => `${prefix}app-certificates/${enc(app)}/${enc(hostname)}`,
+    ip: (ip: string) => `${prefix}ips/${enc(ip)}`,
+    appIps: (app: string) => `${prefix}app-ips/${enc(app)}/`,
+    appIp: (app: string, ip: string) => `${prefix}app-ips/${enc(app)}/${enc(ip)}`,
     networkCounter: () => `${prefix}counters/network`,
     machineCounter: (host: string) => `${prefix}counters/machine-number/${enc(host)}`,
   };
@@ -42,12 +52,14 @@ export type CatalogKeys = ReturnType<typeof catalogKeys>;
 
 /** What a key holds, for the mirror; undefined for index and counter keys, which it does not copy. */
 export type KeyRow =
-  | { table: 'org' | 'token' | 'app' | 'spec' | 'status' | 'lease' | 'host'; id: string }
+  | { table: 'org' | 'token' | 'app' | 'spec' | 'status' | 'lease' | 'host' | 'certificate' | 'ip'; id: string }
   | { table: 'event'; id: string; machine: string };
 
 export function decodeKey(prefix: string, key: string): KeyRow | undefined {
   if (!key.startsWith(prefix)) return undefined;
-  const parts = key.slice(prefix.length).split('/').map(decodeURIComponent);
+  const rest = key.slice(prefix.length);
+  const parts = rest.split('/');
+  if (rest.includes('%')) for (let i = 0; i < parts.length; i++) parts[i] = decodeURIComponent(parts[i]!);
   const [top, a, b] = parts;
   if (a === undefined) return undefined;
   if (parts.length === 2) {
@@ -57,6 +69,8 @@ export function decodeKey(prefix: string, key: string): KeyRow | undefined {
       case 'apps': return { table: 'app', id: a };
       case 'leases': return { table: 'lease', id: a };
       case 'hosts': return { table: 'host', id: a };
+      case 'certificates': return { table: 'certificate', id: a };
+      case 'ips': return { table: 'ip', id: a };
       default: return undefined;
     }
   }

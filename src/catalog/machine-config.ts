@@ -43,9 +43,11 @@ export const portSchema = z.strictObject({
   end_port: port.optional(),
   handlers: z.array(z.enum(['http', 'tls', 'proxy_proto', 'pg_tls', 'edge_http'])).optional(),
   force_https: z.boolean().optional(),
-  http_options: kept.optional(),
+  // Fly's http_options; `h2_backend` makes the proxy speak h2c (HTTP/2 without TLS) to the machine, as gRPC needs.
+  http_options: z.looseObject({ h2_backend: z.boolean().optional() }).optional(),
   tls_options: kept.optional(),
-  proxy_proto_options: kept.optional(),
+  // Fly's PROXY protocol version for a `proxy_proto` port (v1 when absent).
+  proxy_proto_options: z.looseObject({ version: z.enum(['v1', 'v2']).optional() }).optional(),
 });
 
 export const concurrencySchema = z.strictObject({
@@ -139,3 +141,30 @@ export type GuestConfig = z.infer<typeof guestSchema>;
 
 /** Defaults Fly applies when `guest` is left out. */
 export const defaultGuest = { cpu_kind: 'shared', cpus: 1, memory_mb: 256 } as const;
+
+/** A health check of a machine config with the name Fly gives it and the port it probes. */
+export interface NamedCheck {
+  /** The key under top-level `checks`, or `servicecheck-NN-<type>-<port>` for `services[].checks` (NN counts them all). */
+  name: string;
+  check: MachineCheck;
+  type: 'tcp' | 'http';
+  /** The check's port; a service check without one probes the service's internal_port. Undefined: nothing to probe. */
+  port: number | undefined;
+  /** Index in `services` for a service check; undefined for a top-level one. */
+  service: number | undefined;
+}
+
+/** Every health check of a config, top-level ones first. A check without `type` is http when it has a `path`, else tcp. */
+export function namedChecks(config: MachineConfig): NamedCheck[] {
+  const out: NamedCheck[] = [];
+  const typeOf = (c: MachineCheck) => c.type ?? (c.path !== undefined ? 'http' : 'tcp');
+  for (const [name, check] of Object.entries(config.checks ?? {})) out.push({ name, check, type: typeOf(check), port: check.port, service: undefined });
+  let n = 0;
+  (config.services ?? []).forEach((s, service) => {
+    for (const check of s.checks ?? []) {
+      const port = check.port ?? s.internal_port;
+      out.push({ name: `servicecheck-${String(n++).padStart(2, '0')}-${typeOf(check)}-${port}`, check, type: typeOf(check), port, service });
+    }
+  });
+  return out;
+}

@@ -1,18 +1,20 @@
 // The mirror: a host-local SQLite copy of the etcd catalog, kept current by a watch from its own applied revision.
+import { closeSync, fsyncSync, openSync, renameSync, rmSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { channel } from 'node:diagnostics_channel';
 import type { Duplex } from 'node:stream';
 import type Database from 'better-sqlite3';
-import type { Etcd3, IEvent, IKeyValue, IWatchRequest, IWatchResponse } from 'etcd3';
-import { z } from 'zod';
+import type { Etcd3, IEvent, IWatchRequest, IWatchResponse } from 'etcd3';
 import type { Logger } from '../shared/log.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
-import { decodeKey, prefixEnd, type KeyRow } from './keys.ts';
+import { decodeKey, prefixEnd } from './keys.ts';
 import {
-  appSchema, hostSchema, leaseSchema, machineEventSchema, machineSpecSchema, machineStatusSchema, orgSchema, tokenSchema,
-} from './schemas.ts';
+  hostStatusBody, hostStatusIdOf, hostStatusTable, isRow, parseRow, putChange, writeRow, type HostMirrorStatus, type RowProblem,
+} from './mirror-rows.ts';
+import { loadNewCopy, changesToNewCopy } from './resync.ts';
 import { CatalogStore } from './store.ts';
-import type {
-  ApiToken, App, CatalogChange, ChangeBatch, Host, Lease, MachineEvent, MachineSpec, MachineStatus, Org,
-} from './types.ts';
+import type { CatalogChange, ChangeBatch } from './types.ts';
 
 export interface MirrorOptions {
   client: Etcd3;
@@ -27,71 +29,77 @@ export interface MirrorOptions {
   heartbeatMs?: number;
   /** First reconnect delay, doubled up to 2 s. Default 100 ms. */
   retryMs?: number;
+  /** How long an empty copy waits for etcd before opening fails (an existing copy opens at once). Default 30000 ms. */
+  loadTimeoutMs?: number;
 }
 
-/** A validated row with its JSON text as read (the schemas have no defaults or transforms, so it is the value). */
-type Row = { body: string } & (
-  | { table: 'org'; value: Org } | { table: 'token'; value: ApiToken } | { table: 'app'; value: App }
-  | { table: 'spec'; value: MachineSpec } | { table: 'status'; value: MachineStatus } | { table: 'event'; value: MachineEvent }
-  | { table: 'lease'; value: Lease } | { table: 'host'; value: Host });
-
-/**
- * What a host reports about its copy of the catalog, at `<prefix>host-status/<id>` under the host's registration lease
- * (so it vanishes with the host). Kept beside the rows in table host_status; not a change consumers are told about.
- */
-export interface HostMirrorStatus {
-  host_id: string;
-  /** The etcd revision the host's copy had applied when it reported. */
-  revision: number;
-  /** Milliseconds since the host's copy had last heard from etcd, when it reported. */
-  staleness_ms: number;
-  /** When the host reported (ISO time). */
-  published_at: string;
-}
-
-export const hostMirrorStatusSchema = z.strictObject({
-  host_id: z.string().min(1),
-  revision: z.number().int().nonnegative(),
-  staleness_ms: z.number().nonnegative(),
-  published_at: z.string(),
-});
+export { hostMirrorStatusSchema, type HostMirrorStatus } from './mirror-rows.ts';
 
 /** The etcd key of a host's mirror status. */
 export function hostStatusKey(prefix: string, hostId: string): string {
   return `${prefix}host-status/${encodeURIComponent(hostId)}`;
 }
 
-/** The host id of a host-status key, or undefined for any other key. */
-function hostStatusIdOf(prefix: string, key: string): string | undefined {
-  const top = `${prefix}host-status/`;
-  if (!key.startsWith(top)) return undefined;
-  const rest = key.slice(top.length);
-  return rest !== '' && !rest.includes('/') ? decodeURIComponent(rest) : undefined;
-}
+/** Name of the diagnostics channel carrying one MirrorApplyEvent per watch response a mirror applied. */
+export const mirrorApplyChannel = 'tarmac:catalog:mirror:apply';
 
-const schemas = {
-  org: orgSchema, token: tokenSchema, app: appSchema, spec: machineSpecSchema, status: machineStatusSchema,
-  event: machineEventSchema, lease: leaseSchema, host: hostSchema,
-} as const;
+/** Published on `tarmac:catalog:mirror:apply` after a watch response's changes are committed, before subscribers run. */
+export interface MirrorApplyEvent {
+  /** The mirror's SQLite file, which tells mirrors apart. */
+  path: string;
+  events: IEvent[];
+  /** performance.now() when the response arrived, and when its transaction had committed. */
+  receivedAt: number;
+  appliedAt: number;
+}
+const applyEvents = channel(mirrorApplyChannel);
 
 interface Waiter { revision: number; resolve(): void; reject(e: Error): void; timer: NodeJS.Timeout }
+
+/** The open local copy: its store and the statements of its host_status table. */
+interface Copy { store: CatalogStore; statusPut: Database.Statement; statusDelete: Database.Statement; statusAll: Database.Statement }
+
+function openCopy(path: string): Copy {
+  const store = new CatalogStore(path);
+  store.db.exec(hostStatusTable);
+  return {
+    store,
+    statusPut: store.db.prepare('INSERT OR REPLACE INTO host_status (id, body) VALUES (?, ?)'),
+    statusDelete: store.db.prepare('DELETE FROM host_status WHERE id = ?'),
+    statusAll: store.db.prepare('SELECT body FROM host_status ORDER BY id'),
+  };
+}
 
 /** Opens the local copy; an empty one is loaded from etcd first (which then must be reachable). */
 export async function openMirror(opts: MirrorOptions): Promise<Mirror> {
   const m = new Mirror(opts);
-  try {
-    if (m.appliedRevision() === 0) await m.resync();
-  } catch (e) {
-    await m.close();
-    throw new TarmacError('unavailable', `cannot load the catalog from etcd (${errorMessage(e)}); check the etcd endpoints`, { cause: e });
+  // A copy with nothing in it has nothing to serve: wait for etcd a bounded time, then give up with one line.
+  const waitMs = opts.loadTimeoutMs ?? 30_000;
+  const deadline = Date.now() + waitMs;
+  for (let delay = 250; m.appliedRevision() === 0; delay = Math.min(delay * 2, 2_000)) {
+    try {
+      await m.resync();
+    } catch (e) {
+      if (Date.now() + delay >= deadline) {
+        await m.close();
+        throw new TarmacError('unavailable', `cannot load the catalog from etcd, which did not answer within ${Math.round(waitMs / 1000)} s ` +
+          `(${briefError(e)}); this host has no copy of the catalog yet, so it needs etcd to start: check that etcd is up and the catalog endpoints`, { cause: e });
+      }
+      opts.log.warn({ err: briefError(e), retry_ms: delay }, 'etcd unreachable and no local copy of the catalog yet; retrying');
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
   m.start();
   return m;
 }
 
+/** The first sentence of an error's message (grpc's run on for lines), for one-line messages. */
+export function briefError(e: unknown): string {
+  return errorMessage(e).split(/\.\s|\n/)[0]!.slice(0, 160);
+}
+
 export class Mirror {
-  readonly store: CatalogStore;
-  readonly #o: Required<Omit<MirrorOptions, 'client' | 'log' | 'path'>> & MirrorOptions;
+  readonly #o: Required<Omit<MirrorOptions, 'client' | 'log' | 'path' | 'loadTimeoutMs'>> & MirrorOptions;
   readonly #log: Logger;
   readonly #subscribers = new Set<(batch: ChangeBatch) => void>();
   readonly #waiters = new Set<Waiter>();
@@ -102,24 +110,27 @@ export class Mirror {
   #needResync = false;
   #loop: Promise<void> | undefined;
   #endStream: (() => void) | undefined;
-  readonly #statusPut: Database.Statement;
-  readonly #statusDelete: Database.Statement;
-  readonly #statusAll: Database.Statement;
+  #copy: Copy;
+  #resyncing: Promise<void> | undefined;
 
   constructor(opts: MirrorOptions) {
     this.#o = { pageSize: 2000, heartbeatMs: 1000, retryMs: 100, ...opts };
     this.#log = opts.log;
-    this.store = new CatalogStore(opts.path);
-    this.store.db.exec('CREATE TABLE IF NOT EXISTS host_status (id TEXT PRIMARY KEY, body TEXT NOT NULL)');
-    this.#statusPut = this.store.db.prepare('INSERT OR REPLACE INTO host_status (id, body) VALUES (?, ?)');
-    this.#statusDelete = this.store.db.prepare('DELETE FROM host_status WHERE id = ?');
-    this.#statusAll = this.store.db.prepare('SELECT body FROM host_status ORDER BY id');
+    // A reload builds a new file and moves it into place, so the copy has to be a file.
+    if (opts.path === ':memory:' || opts.path === '') throw new TarmacError('invalid_argument', 'the catalog mirror needs a file path, not an in-memory database');
+    this.#copy = openCopy(opts.path);
     this.#applied = this.store.revision();
+    this.#lastContact = this.store.meta('contacted_at') ?? 0;
+  }
+
+  /** The local copy (replaced by a full reload: do not keep it). */
+  get store(): CatalogStore {
+    return this.#copy.store;
   }
 
   /** Each registered host's last reported mirror status, from this copy. */
   hostStatuses(): HostMirrorStatus[] {
-    return (this.#statusAll.all() as Array<{ body: string }>).map((r) => JSON.parse(r.body) as HostMirrorStatus);
+    return (this.#copy.statusAll.all() as Array<{ body: string }>).map((r) => JSON.parse(r.body) as HostMirrorStatus);
   }
 
   /** The etcd revision this copy reflects: every change up to it is applied, none after it. */
@@ -143,7 +154,7 @@ export class Mirror {
     });
   }
 
-  /** Milliseconds since the mirror last heard from etcd (Infinity if an existing copy was opened and etcd never answered). */
+  /** Milliseconds since this copy last heard from etcd, across restarts (Infinity if it never has). */
   staleness(): number {
     return this.#lastContact === 0 ? Number.POSITIVE_INFINITY : Date.now() - this.#lastContact;
   }
@@ -172,6 +183,8 @@ export class Mirror {
     }
     this.#waiters.clear();
     this.#subscribers.clear();
+    // Kept so that after a restart without etcd the copy still says how old it is.
+    if (this.#lastContact > 0) this.store.setMeta('contacted_at', this.#lastContact);
     this.store.close();
   }
 
@@ -242,8 +255,12 @@ export class Mirror {
           return;
         }
         if (res.events.length > 0) {
+          const receivedAt = performance.now();
           try {
             this.#apply(res.events);
+            if (applyEvents.hasSubscribers) {
+              applyEvents.publish({ path: this.#o.path, events: res.events, receivedAt, appliedAt: performance.now() } satisfies MirrorApplyEvent);
+            }
           } catch (e) {
             // A local failure (disk full, a bug): restart the stream from the last committed revision.
             this.#log.error({ err: e }, 'catalog mirror could not apply a change');
@@ -291,6 +308,7 @@ export class Mirror {
         last = revision;
       }
       if (last > this.#applied) this.store.setMeta('revision', last);
+      this.store.setMeta('contacted_at', this.#lastContact);
     });
     this.#advance(last, batches);
   }
@@ -300,8 +318,8 @@ export class Mirror {
     const isDelete = String(ev.type) === 'Delete' || Number(ev.type) === 1;
     const statusOf = hostStatusIdOf(this.#o.prefix, key);
     if (statusOf !== undefined) {
-      if (isDelete) this.#statusDelete.run(statusOf);
-      else this.#putHostStatus(statusOf, ev.kv);
+      if (isDelete) this.#copy.statusDelete.run(statusOf);
+      else this.#putHostStatus(statusOf, key, ev.kv.value.toString());
       return undefined;
     }
     const where = decodeKey(this.#o.prefix, key);
@@ -318,57 +336,27 @@ export class Mirror {
         case 'event': s.deleteEvent(id); return undefined;
         case 'lease': s.deleteLease(id); return { kind: 'lease', op: 'delete', key: id };
         case 'host': s.deleteHost(id); return { kind: 'host', op: 'delete', key: id };
+        case 'certificate': s.deleteCertificate(id); return { kind: 'certificate', op: 'delete', key: id };
+        case 'ip': s.deleteIpAssignment(id); return { kind: 'ip', op: 'delete', key: id };
       }
     }
-    const row = this.#parse(where, ev.kv);
-    if (!row) return undefined;
-    return this.#put(row);
+    const row = parseRow(where, ev.kv.value.toString());
+    if (!isRow(row)) {
+      this.#logProblem(key, row);
+      return undefined;
+    }
+    return writeRow(this.store, row) ? putChange(row) : undefined;
   }
 
-  #put(row: Row): CatalogChange | undefined {
-    const s = this.store;
-    switch (row.table) {
-      case 'org': s.putOrg(row.value, row.body); return { kind: 'org', op: 'put', key: row.value.slug, value: row.value };
-      case 'token': s.putToken(row.value, row.body); return undefined;
-      case 'app': s.putApp(row.value, row.body); return { kind: 'app', op: 'put', key: row.value.name, value: row.value };
-      case 'spec': s.putSpec(row.value, row.body); return { kind: 'machine_spec', op: 'put', key: row.value.id, value: row.value };
-      case 'status': s.putStatus(row.value, row.body); return { kind: 'machine_status', op: 'put', key: row.value.id, value: row.value };
-      case 'event': return s.insertEvent(row.value, row.body) ? { kind: 'machine_event', op: 'put', key: row.value.id, value: row.value } : undefined;
-      case 'lease': s.putLease(row.value, row.body); return { kind: 'lease', op: 'put', key: row.value.machine_id, value: row.value };
-      case 'host': s.putHost(row.value, row.body); return { kind: 'host', op: 'put', key: row.value.id, value: row.value };
-    }
+  #logProblem(key: string, p: RowProblem): void {
+    this.#log.error({ key, ...p.fields }, p.msg);
   }
 
   /** Stores a host's reported mirror status if it is valid (logged and left out otherwise). */
-  #putHostStatus(id: string, kv: IKeyValue): boolean {
-    let r: ReturnType<typeof hostMirrorStatusSchema.safeParse> | undefined;
-    try {
-      r = hostMirrorStatusSchema.safeParse(JSON.parse(kv.value.toString()));
-    } catch { /* not JSON: reported below */ }
-    if (!r?.success || r.data.host_id !== id) {
-      this.#log.error({ key: kv.key.toString() }, 'host status in the catalog is not valid; ignored');
-      return false;
-    }
-    this.#statusPut.run(id, JSON.stringify(r.data));
-    return true;
-  }
-
-  /** Validates a value read from etcd; an invalid one is logged and left out of the copy. */
-  #parse(where: KeyRow, kv: IKeyValue): Row | undefined {
-    const body = kv.value.toString();
-    let json: unknown;
-    try {
-      json = JSON.parse(body);
-    } catch (e) {
-      this.#log.error({ key: kv.key.toString(), err: errorMessage(e) }, 'catalog value is not JSON; ignored');
-      return undefined;
-    }
-    const r = schemas[where.table].safeParse(json);
-    if (!r.success) {
-      this.#log.error({ key: kv.key.toString(), issues: r.error.issues }, 'catalog value does not match its schema; ignored');
-      return undefined;
-    }
-    return { table: where.table, value: r.data, body } as Row;
+  #putHostStatus(id: string, key: string, body: string): void {
+    const json = hostStatusBody(id, body);
+    if (json === undefined) this.#log.error({ key }, 'host status in the catalog is not valid; ignored');
+    else this.#copy.statusPut.run(id, json);
   }
 
   #advance(revision: number, batches: ChangeBatch[]): void {
@@ -394,83 +382,65 @@ export class Mirror {
   // ---- full reload ----
 
   /**
-   * Loads the whole catalog from a paged range pinned to one revision and replaces the local copy in one
-   * transaction, so no reader sees a half-loaded catalog; subscribers get the difference as one batch.
+   * Loads the whole catalog from a paged range pinned to one revision into a new copy in a new file, every row checked,
+   * then moves it into place in one synchronous step, so no reader sees a half-loaded catalog; subscribers get the
+   * difference as one batch. A call while one runs joins it.
    */
-  async resync(): Promise<void> {
+  resync(): Promise<void> {
+    this.#resyncing ??= this.#reload().finally(() => { this.#resyncing = undefined; });
+    return this.#resyncing;
+  }
+
+  async #reload(): Promise<void> {
     const started = Date.now();
-    const end = prefixEnd(this.#o.prefix);
-    let from = Buffer.from(this.#o.prefix);
-    let pinned: string | undefined;
-    const rows: Row[] = [];
-    const statuses: Array<{ id: string; kv: IKeyValue }> = [];
-    let parseMs = 0;
-    const page = (from: Buffer, revision: string | undefined) => this.#o.client.kv.range({
-      key: from, range_end: end, limit: this.#o.pageSize, ...(revision !== undefined ? { revision } : {}),
-    });
-    let pending = page(from, undefined);
-    for (;;) {
-      const res = await pending;
-      pinned ??= res.header.revision;
-      const lastKv = res.kvs.at(-1);
-      const more = res.more && lastKv !== undefined;
-      // Ask for the next page before validating this one, so etcd and validation overlap.
-      if (more) {
-        from = Buffer.concat([lastKv.key, Buffer.from([0])]);
-        pending = page(from, pinned);
-        pending.catch(() => {}); // awaited next round; a failure there ends the resync
-      }
-      const p0 = performance.now();
-      for (const kv of res.kvs) {
-        const statusOf = hostStatusIdOf(this.#o.prefix, kv.key.toString());
-        if (statusOf !== undefined) {
-          statuses.push({ id: statusOf, kv });
-          continue;
-        }
-        const where = decodeKey(this.#o.prefix, kv.key.toString());
-        const row = where && this.#parse(where, kv);
-        if (row) rows.push(row);
-      }
-      parseMs += performance.now() - p0;
-      if (!more) break;
-    }
-    this.#lastContact = Date.now();
+    const path = this.#o.path;
+    const next = `${path}.resync`;
+    const loaded = await loadNewCopy(this.#o.client, this.#o.prefix, this.#o.pageSize, next);
     const fetched = Date.now();
-    const revision = Number(pinned);
-    const diff = this.#subscribers.size > 0;
-    const s = this.store;
-    const before = diff
-      ? {
-        org: s.bodies('orgs'), app: s.bodies('apps'), host: s.bodies('hosts'), spec: s.bodies('machine_specs'),
-        status: s.bodies('machine_status'), lease: s.bodies('leases'), event: s.bodies('machine_events'),
-      }
-      : undefined;
-    const changes: CatalogChange[] = [];
-    s.transaction(() => {
-      s.clearRows();
-      s.db.exec('DELETE FROM host_status');
-      for (const st of statuses) this.#putHostStatus(st.id, st.kv);
-      for (const row of rows) {
-        const change = this.#put(row);
-        if (!before || !change || row.table === 'token') continue;
-        const old = before[row.table];
-        const id = change.key;
-        const body = old.get(id);
-        old.delete(id);
-        if (row.table === 'event' ? body === undefined : body !== row.body) changes.push(change);
-      }
-      s.setMeta('revision', revision);
-    });
-    if (before) {
-      const deletes: Array<[Map<string, string>, CatalogChange['kind']]> = [
-        [before.lease, 'lease'], [before.status, 'machine_status'], [before.spec, 'machine_spec'], [before.app, 'app'],
-        [before.org, 'org'], [before.host, 'host'],
-      ];
-      for (const [gone, kind] of deletes) {
-        for (const key of gone.keys()) changes.push({ kind, op: 'delete', key } as CatalogChange);
-      }
+    let changes: CatalogChange[] = [];
+    try {
+      if (this.#closing.signal.aborted) throw new TarmacError('unavailable', 'the catalog is closed');
+      for (const p of loaded.problems) this.#logProblem(p.key, p);
+      if (this.#subscribers.size > 0) changes = this.#changesTo(next);
+    } catch (e) {
+      await rm(next, { force: true });
+      throw e;
     }
-    this.#log.info({ revision, rows: rows.length, ms: Date.now() - started, fetchMs: fetched - started, parseMs: Math.round(parseMs), writeMs: Date.now() - fetched }, 'catalog mirror loaded from etcd');
+    // One synchronous step: readers on this thread (the only ones) see the old copy up to here, the new one after.
+    // The old connection is closed first, so that no WAL of the old file is left for the new one to read.
+    this.#copy.store.close();
+    rmSync(`${path}-wal`, { force: true });
+    rmSync(`${path}-shm`, { force: true });
+    try {
+      renameSync(next, path);
+    } finally {
+      this.#copy = openCopy(path);
+    }
+    this.#lastContact = loaded.contactedAt;
+    syncDirectory(dirname(path));
+    const { revision } = loaded;
+    this.#log.info({ revision, rows: loaded.rows, ms: Date.now() - started, loadMs: fetched - started, checkMs: loaded.workMs, swapMs: Date.now() - fetched }, 'catalog mirror loaded from etcd');
     this.#advance(Math.max(revision, this.#applied), changes.length > 0 ? [{ revision, changes }] : []);
+  }
+
+  /** The changes from this copy to the new one in file `next`. */
+  #changesTo(next: string): CatalogChange[] {
+    const db = this.#copy.store.db;
+    db.prepare('ATTACH DATABASE ? AS next').run(next);
+    try {
+      return changesToNewCopy(db);
+    } finally {
+      db.exec('DETACH DATABASE next');
+    }
+  }
+}
+
+/** Makes a rename in `dir` durable. */
+function syncDirectory(dir: string): void {
+  const fd = openSync(dir, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
   }
 }

@@ -2,7 +2,7 @@
 import { z } from 'zod';
 import { machineConfigSchema } from './machine-config.ts';
 import { machineStates } from './types.ts';
-import type { ApiToken, App, Host, Lease, MachineEvent, MachineSpec, MachineStatus, Org } from './types.ts';
+import type { ApiToken, App, Certificate, Host, IpAssignment, Lease, MachineEvent, MachineSpec, MachineStatus, Org } from './types.ts';
 
 const timestamp = z.string();
 
@@ -10,6 +10,9 @@ export const orgSchema = z.strictObject({
   slug: z.string().min(1),
   name: z.string(),
   network_id: z.number().int().nonnegative(),
+  wireguard_peers: z.array(z.strictObject({
+    name: z.string().min(1), public_key: z.string(), address: z.string(), gateway: z.string(), created_at: timestamp,
+  })).optional(),
   created_at: timestamp,
 });
 
@@ -72,6 +75,12 @@ export const machineStatusSchema = z.strictObject({
   restarts: z.number().int(),
   restart_generation: z.number().int(),
   last_exit: exitEventSchema.optional(),
+  checks: z.array(z.strictObject({
+    name: z.string(),
+    status: z.enum(['passing', 'warning', 'critical']),
+    output: z.string(),
+    updated_at: timestamp,
+  })).optional(),
   updated_at: timestamp,
 });
 
@@ -102,7 +111,44 @@ export const hostSchema = z.strictObject({
   cpus: z.number().nonnegative(),
   memory_mb: z.number().nonnegative(),
   address: z.string(),
+  backhaul: z.string().optional(),
+  mesh: z.strictObject({ public_key: z.string(), endpoint: z.string(), prefixes: z.array(z.string()) }).optional(),
   updated_at: timestamp,
+});
+
+const acmeChallengeSchema = z.strictObject({
+  type: z.enum(['http-01', 'tls-alpn-01']),
+  token: z.string().min(1),
+  key_authorization: z.string().min(1),
+});
+
+export const certificateSchema = z.strictObject({
+  hostname: z.string().min(1),
+  app: z.string().min(1),
+  source: z.enum(['custom', 'self-signed', 'acme']),
+  fullchain: z.string(),
+  private_key: z.string(),
+  issuer: z.string(),
+  subject: z.string(),
+  not_before: timestamp,
+  not_after: timestamp,
+  fingerprint_sha256: z.string(),
+  created_at: timestamp,
+  acme: z.strictObject({
+    status: z.enum(['pending', 'issued', 'failed']),
+    host_id: z.string().min(1).optional(),
+    challenges: z.array(acmeChallengeSchema),
+    error: z.string().optional(),
+    updated_at: timestamp,
+  }).optional(),
+}).refine((c) => (c.fullchain !== '' && c.private_key !== '') || c.acme !== undefined, 'fullchain and private_key are empty only while ACME issues the first certificate');
+
+export const ipAssignmentSchema = z.strictObject({
+  ip: z.string().min(2),
+  app: z.string().min(1),
+  type: z.enum(['v4', 'v6']),
+  region: z.string(),
+  created_at: timestamp,
 });
 
 // Compile-time checks that each schema names exactly the fields of its row type.
@@ -111,5 +157,6 @@ const fits: [
   Fits<typeof orgSchema, Org>, Fits<typeof tokenSchema, ApiToken>, Fits<typeof appSchema, App>,
   Fits<typeof machineSpecSchema, MachineSpec>, Fits<typeof machineStatusSchema, MachineStatus>,
   Fits<typeof machineEventSchema, MachineEvent>, Fits<typeof leaseSchema, Lease>, Fits<typeof hostSchema, Host>,
-] = [true, true, true, true, true, true, true, true];
+  Fits<typeof certificateSchema, Certificate>, Fits<typeof ipAssignmentSchema, IpAssignment>,
+] = [true, true, true, true, true, true, true, true, true, true];
 void fits;

@@ -1,8 +1,9 @@
 // The embedded catalog: fleet state in one SQLite file (better-sqlite3), the single-host default backend.
 import { TarmacError } from '../shared/errors.ts';
+import { checkCertificateCas } from './certificates.ts';
 import { CatalogStore } from './store.ts';
 import type {
-  ApiToken, App, Catalog, CatalogChange, ChangeBatch, Host, HostRegistration, Lease, Machine, MachineEvent,
+  ApiToken, App, Catalog, Certificate, CatalogChange, ChangeBatch, Expect, Host, HostRegistration, IpAssignment, Lease, Machine, MachineEvent,
   MachineFilter, MachineSpec, MachineStatus, Org,
 } from './types.ts';
 
@@ -62,6 +63,18 @@ class SqliteCatalog implements Catalog {
   listHosts(): Host[] {
     return this.#store.listHosts();
   }
+  getCertificate(hostname: string): Certificate | undefined {
+    return this.#store.getCertificate(hostname);
+  }
+  listCertificates(app?: string): Certificate[] {
+    return this.#store.listCertificates(app);
+  }
+  getIpAssignment(ip: string): IpAssignment | undefined {
+    return this.#store.getIpAssignment(ip);
+  }
+  listIpAssignments(app?: string): IpAssignment[] {
+    return this.#store.listIpAssignments(app);
+  }
   subscribe(fn: (batch: ChangeBatch) => void): () => void {
     this.#subscribers.add(fn);
     return () => this.#subscribers.delete(fn);
@@ -109,10 +122,19 @@ class SqliteCatalog implements Catalog {
       this.#pending.push({ kind: 'app', op: 'put', key: app.name, value: app });
     });
   }
-  async deleteApp(name: string): Promise<void> {
+  async deleteApp(name: string, org?: string): Promise<void> {
     this.#write(() => {
-      if (!this.#store.getApp(name)) throw new TarmacError('app_not_found', `app "${name}" not found`);
+      const held = this.#store.getApp(name);
+      if (!held || (org !== undefined && held.org_slug !== org)) throw new TarmacError('app_not_found', `app "${name}" not found`);
       for (const id of this.#store.machineIdsOfApp(name)) this.#deleteMachine(id);
+      for (const cert of this.#store.listCertificates(name)) {
+        this.#store.deleteCertificate(cert.hostname);
+        this.#pending.push({ kind: 'certificate', op: 'delete', key: cert.hostname });
+      }
+      for (const ip of this.#store.listIpAssignments(name)) {
+        this.#store.deleteIpAssignment(ip.ip);
+        this.#pending.push({ kind: 'ip', op: 'delete', key: ip.ip });
+      }
       this.#store.deleteApp(name);
       this.#pending.push({ kind: 'app', op: 'delete', key: name });
     });
@@ -179,6 +201,42 @@ class SqliteCatalog implements Catalog {
     this.#write(() => {
       this.#store.putHost(host);
       this.#pending.push({ kind: 'host', op: 'put', key: host.id, value: host });
+    });
+  }
+  async putCertificate(cert: Certificate, cas?: Expect<Certificate>): Promise<void> {
+    this.#write(() => {
+      if (!this.#store.getApp(cert.app)) throw new TarmacError('app_not_found', `app "${cert.app}" not found`);
+      const held = this.#store.getCertificate(cert.hostname);
+      if (held && held.app !== cert.app) throw new TarmacError('name_taken', `host name "${cert.hostname}" already has a certificate in another app`);
+      checkCertificateCas(cert.hostname, held, cas);
+      this.#store.putCertificate(cert);
+      this.#pending.push({ kind: 'certificate', op: 'put', key: cert.hostname, value: cert });
+    });
+  }
+  async deleteCertificate(hostname: string, app?: string): Promise<void> {
+    this.#write(() => {
+      const held = this.#store.getCertificate(hostname);
+      if (!held || (app !== undefined && held.app !== app) || !this.#store.deleteCertificate(hostname)) {
+        throw new TarmacError('not_found', `no certificate for host name "${hostname}"`);
+      }
+      this.#pending.push({ kind: 'certificate', op: 'delete', key: hostname });
+    });
+  }
+  async createIpAssignment(ip: IpAssignment): Promise<void> {
+    this.#write(() => {
+      if (!this.#store.getApp(ip.app)) throw new TarmacError('app_not_found', `app "${ip.app}" not found`);
+      if (this.#store.getIpAssignment(ip.ip)) throw new TarmacError('name_taken', `address ${ip.ip} is already assigned`);
+      this.#store.putIpAssignment(ip);
+      this.#pending.push({ kind: 'ip', op: 'put', key: ip.ip, value: ip });
+    });
+  }
+  async deleteIpAssignment(ip: string, app?: string): Promise<void> {
+    this.#write(() => {
+      const held = this.#store.getIpAssignment(ip);
+      if (!held || (app !== undefined && held.app !== app) || !this.#store.deleteIpAssignment(ip)) {
+        throw new TarmacError('not_found', `address ${ip} is not assigned`);
+      }
+      this.#pending.push({ kind: 'ip', op: 'delete', key: ip });
     });
   }
   async registerHost(host: Host, _ttlSeconds: number): Promise<HostRegistration> {

@@ -3,7 +3,7 @@ import Database from 'better-sqlite3';
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type {
-  ApiToken, App, Host, Lease, Machine, MachineEvent, MachineFilter, MachineSpec, MachineStatus, Org,
+  ApiToken, App, Certificate, Host, IpAssignment, Lease, Machine, MachineEvent, MachineFilter, MachineSpec, MachineStatus, Org,
 } from './types.ts';
 
 const schema = `
@@ -20,10 +20,14 @@ CREATE INDEX IF NOT EXISTS machine_events_machine ON machine_events (machine_id,
 CREATE TABLE IF NOT EXISTS leases (machine_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS host_counters (host_id TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS certificates (hostname TEXT PRIMARY KEY, app TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS certificates_app ON certificates (app, hostname);
+CREATE TABLE IF NOT EXISTS ips (ip TEXT PRIMARY KEY, app TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS ips_app ON ips (app, ip);
 `;
 
 /** The row tables a catalog copy holds (meta and counters are the owner's business). */
-export const rowTables = ['orgs', 'tokens', 'apps', 'machine_specs', 'machine_status', 'machine_events', 'leases', 'hosts'] as const;
+export const rowTables = ['orgs', 'tokens', 'apps', 'machine_specs', 'machine_status', 'machine_events', 'leases', 'hosts', 'certificates', 'ips'] as const;
 
 type Row = { body: string };
 const parse = <T>(row: Row | undefined): T | undefined => (row ? (JSON.parse(row.body) as T) : undefined);
@@ -82,6 +86,16 @@ export class CatalogStore {
       hosts: p('SELECT body FROM hosts ORDER BY id'),
       putHost: p('INSERT OR REPLACE INTO hosts (id, body) VALUES (?, ?)'),
       deleteHost: p('DELETE FROM hosts WHERE id = ?'),
+      cert: p('SELECT body FROM certificates WHERE hostname = ?'),
+      certs: p('SELECT body FROM certificates ORDER BY hostname'),
+      certsOfApp: p('SELECT body FROM certificates WHERE app = ? ORDER BY hostname'),
+      putCert: p('INSERT OR REPLACE INTO certificates (hostname, app, body) VALUES (?, ?, ?)'),
+      deleteCert: p('DELETE FROM certificates WHERE hostname = ?'),
+      ip: p('SELECT body FROM ips WHERE ip = ?'),
+      ips: p('SELECT body FROM ips ORDER BY ip'),
+      ipsOfApp: p('SELECT body FROM ips WHERE app = ? ORDER BY ip'),
+      putIp: p('INSERT OR REPLACE INTO ips (ip, app, body) VALUES (?, ?, ?)'),
+      deleteIp: p('DELETE FROM ips WHERE ip = ?'),
     };
   }
 
@@ -164,6 +178,20 @@ export class CatalogStore {
   listHosts(): Host[] {
     return (this.#s.hosts.all() as Row[]).map((r) => JSON.parse(r.body) as Host);
   }
+  getCertificate(hostname: string): Certificate | undefined {
+    return parse<Certificate>(this.#s.cert.get(hostname) as Row | undefined);
+  }
+  listCertificates(app?: string): Certificate[] {
+    const rows = (app === undefined ? this.#s.certs.all() : this.#s.certsOfApp.all(app)) as Row[];
+    return rows.map((r) => JSON.parse(r.body) as Certificate);
+  }
+  getIpAssignment(ip: string): IpAssignment | undefined {
+    return parse<IpAssignment>(this.#s.ip.get(ip) as Row | undefined);
+  }
+  listIpAssignments(app?: string): IpAssignment[] {
+    const rows = (app === undefined ? this.#s.ips.all() : this.#s.ipsOfApp.all(app)) as Row[];
+    return rows.map((r) => JSON.parse(r.body) as IpAssignment);
+  }
 
   // ---- row writes (callers wrap them in `transaction`); `body` is the row's JSON when the caller has it ----
 
@@ -222,17 +250,18 @@ export class CatalogStore {
   deleteHost(id: string): boolean {
     return this.#s.deleteHost.run(id).changes > 0;
   }
-  /** Every row of a table as key → JSON body (for diffing a full reload against this copy). */
-  bodies(table: 'orgs' | 'apps' | 'machine_specs' | 'machine_status' | 'leases' | 'hosts' | 'machine_events'): Map<string, string> {
-    const key = { orgs: 'slug', apps: 'name', machine_specs: 'id', machine_status: 'id', leases: 'machine_id', hosts: 'id', machine_events: 'id' }[table];
-    const rows = this.db.prepare(`SELECT ${key} AS k, body FROM ${table}`).all() as Array<{ k: string; body: string }>;
-    return new Map(rows.map((r) => [r.k, r.body]));
+  putCertificate(cert: Certificate, body = JSON.stringify(cert)): void {
+    this.#s.putCert.run(cert.hostname, cert.app, body);
   }
-  /** Empties every row table (inside a transaction, before a full reload). */
-  clearRows(): void {
-    for (const t of rowTables) this.db.exec(`DELETE FROM ${t}`);
+  deleteCertificate(hostname: string): boolean {
+    return this.#s.deleteCert.run(hostname).changes > 0;
   }
-
+  putIpAssignment(ip: IpAssignment, body = JSON.stringify(ip)): void {
+    this.#s.putIp.run(ip.ip, ip.app, body);
+  }
+  deleteIpAssignment(ip: string): boolean {
+    return this.#s.deleteIp.run(ip).changes > 0;
+  }
   close(): void {
     if (this.db.open) this.db.close();
   }

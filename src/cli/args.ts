@@ -28,6 +28,15 @@ export type Command =
   | { name: 'logs'; app: string; machine?: string; follow: boolean }
   | { name: 'status'; app: string; hosts?: never }
   | { name: 'status'; hosts: true; app?: never }
+  | { name: 'certs add'; app: string; hostname: string; fullchain: string; privateKey: string }
+  | { name: 'certs list'; app: string }
+  | { name: 'certs show'; app: string; hostname: string }
+  | { name: 'certs remove'; app: string; hostname: string }
+  | { name: 'certs request'; app: string; hostname: string; wait: boolean }
+  | { name: 'ips allocate-v4' | 'ips allocate-v6'; app: string; region?: string }
+  | { name: 'ips list'; app: string }
+  | { name: 'ips release'; app: string; ip: string }
+  | { name: 'wireguard create'; org: string; peer: string; gateway?: string }
   | { name: 'version' };
 
 export type CommandName = Command['name'];
@@ -98,6 +107,8 @@ export const commands: CommandSpec[] = [
       cpus: { type: 'string', value: 'N', description: 'Number of CPUs (default 1)' },
       memory: { type: 'string', short: 'm', value: 'MB', description: 'Memory in MB, or with a unit: 512mb, 1gb (default 256)' },
       restart: { type: 'string', value: 'POLICY', description: 'Restart policy: no, always, on-failure' },
+      autostart: { type: 'string', value: 'BOOL', description: 'true or false: whether a request starts the machine when it is stopped (default true, as on Fly)' },
+      autostop: { type: 'string', value: 'MODE', description: 'off, stop or suspend (true means stop, false off): stop the machine when requests stop coming (default off)' },
       cmd: { type: 'string', value: '"CMD"', description: 'Command to run instead of the image\'s CMD' },
       entrypoint: { type: 'string', value: '"CMD"', description: 'Entrypoint instead of the image\'s ENTRYPOINT' },
       detach: { type: 'boolean', short: 'd', description: 'Return once the machine is created, without waiting for it to start' },
@@ -106,6 +117,7 @@ export const commands: CommandSpec[] = [
     examples: [
       'tarmac machine run 127.0.0.1:5000/hello:latest -a hello --port 80:8080/tcp:http',
       'tarmac machine run busybox -a hello --env GREETING=hi --cmd "httpd -f -p 8080"',
+      'tarmac machine run 127.0.0.1:5000/hello:latest -a hello --port 80:8080/tcp:http --autostop stop --autostart true',
     ],
   },
   { name: 'machine list', summary: 'List the machines of an app', args: [], flags: { app: appFlag } },
@@ -151,11 +163,49 @@ export const commands: CommandSpec[] = [
     },
     examples: ['tarmac status -a hello', 'tarmac status --hosts'],
   },
+  {
+    name: 'certs add', summary: 'Add (or replace) the TLS certificate of one of an app\'s host names, from PEM files',
+    args: [{ name: 'HOSTNAME', required: true }],
+    flags: {
+      app: appFlag,
+      fullchain: { type: 'string', value: 'FILE', description: 'PEM certificate chain, leaf first' },
+      'private-key': { type: 'string', value: 'FILE', description: 'PEM private key of the leaf (unencrypted); sent to the API, never shown again' },
+    },
+    examples: ['tarmac certs add www.example.com -a hello --fullchain fullchain.pem --private-key privkey.pem'],
+  },
+  { name: 'certs list', summary: 'List an app\'s certificates', args: [], flags: { app: appFlag } },
+  { name: 'certs show', summary: 'Show a certificate (issuer, validity, fingerprint; never the key)', args: [{ name: 'HOSTNAME', required: true }], flags: { app: appFlag } },
+  { name: 'certs remove', summary: 'Remove a host name\'s certificate', args: [{ name: 'HOSTNAME', required: true }], flags: { app: appFlag } },
+  {
+    name: 'certs request', summary: 'Get (and keep renewing) a certificate for one of an app\'s host names through ACME (Let\'s Encrypt)',
+    args: [{ name: 'HOSTNAME', required: true }],
+    flags: { app: appFlag, wait: { type: 'boolean', description: 'Wait until the certificate is issued or the order failed' } },
+    examples: ['tarmac certs request www.example.com -a hello --wait'],
+  },
+  {
+    name: 'ips allocate-v4', summary: 'Allocate an IPv4 address of the app\'s own (the proxy listens there on its non-HTTP ports)',
+    args: [], flags: { app: appFlag, region: { type: 'string', value: 'REGION', description: 'Region the address is for (default: global)' } },
+    examples: ['tarmac ips allocate-v4 -a db'],
+  },
+  {
+    name: 'ips allocate-v6', summary: 'Allocate an IPv6 address of the app\'s own (needs an IPv6 pool in the host config)',
+    args: [], flags: { app: appFlag, region: { type: 'string', value: 'REGION', description: 'Region the address is for (default: global)' } },
+  },
+  { name: 'ips list', summary: 'List an app\'s addresses', args: [], flags: { app: appFlag } },
+  { name: 'ips release', summary: 'Release one of an app\'s addresses', args: [{ name: 'ADDRESS', required: true }], flags: { app: appFlag } },
+  {
+    name: 'wireguard create', summary: 'Join a device to an organization\'s private network: prints its WireGuard config (with a new private key, shown once)',
+    args: [{ name: 'ORG', required: true }, { name: 'NAME', required: true }],
+    flags: { gateway: { type: 'string', value: 'HOST', description: 'Worker host the device connects to (default: the first worker in the mesh)' } },
+    examples: ['tarmac wireguard create personal laptop > laptop.conf && wg-quick up ./laptop.conf'],
+  },
   { name: 'version', summary: 'Print the version of tarmac', args: [], flags: {} },
 ];
 
 /** Words that may stand for a group or a verb. */
-const groupAliases: Record<string, string> = { apps: 'apps', app: 'apps', machine: 'machine', machines: 'machine', m: 'machine' };
+const groupAliases: Record<string, string> = {
+  apps: 'apps', app: 'apps', machine: 'machine', machines: 'machine', m: 'machine', certs: 'certs', cert: 'certs', certificates: 'certs', ips: 'ips', ip: 'ips', wireguard: 'wireguard', wg: 'wireguard',
+};
 const verbAliases: Record<string, string> = { ls: 'list', rm: 'destroy', remove: 'destroy', delete: 'destroy', show: 'status' };
 
 const hostSummary = 'Run a Tarmac host with every role in the foreground (what `npm start` runs)';
@@ -198,8 +248,8 @@ export function parseCommandLine(argv: readonly string[], env: Readonly<Record<s
       if (verbWord !== undefined) return { kind: 'help', text: groupHelp(group) };
       throw new UsageError(`'tarmac ${group}' needs a subcommand. See 'tarmac ${group} --help'.`);
     }
-    const verb = verbAliases[verbWord] ?? verbWord;
-    spec = commands.find((c) => c.name === `${group} ${verb}`);
+    // A group's own verb wins over an alias (`certs show` and `certs remove` are verbs of their own).
+    spec = commands.find((c) => c.name === `${group} ${verbWord}`) ?? commands.find((c) => c.name === `${group} ${verbAliases[verbWord] ?? verbWord}`);
     if (!spec) throw new UsageError(`unknown command 'tarmac ${group} ${verbWord}'. See 'tarmac ${group} --help'.`);
     rest = words.slice(2);
   } else {
@@ -284,6 +334,7 @@ function parseFor(spec: CommandSpec, args: string[], env: Readonly<Record<string
         request: usage(() => buildCreateRequest(pos(0), {
           ports: list('port'), env: list('env'), region: str('region'), name: str('name'), cpus: str('cpus'),
           memory: str('memory'), restart: str('restart'), cmd: str('cmd'), entrypoint: str('entrypoint'),
+          autostart: str('autostart'), autostop: str('autostop'),
         })),
       };
       break;
@@ -308,6 +359,30 @@ function parseFor(spec: CommandSpec, args: string[], env: Readonly<Record<string
         command = { name: spec.name, app: app() };
       }
       break;
+    case 'certs add': {
+      const fullchain = str('fullchain');
+      const privateKey = str('private-key');
+      if (fullchain === undefined || privateKey === undefined) throw new UsageError(`certs add needs --fullchain FILE and --private-key FILE. ${hint}`);
+      command = { name: spec.name, app: app(), hostname: pos(0), fullchain, privateKey };
+      break;
+    }
+    case 'certs list': command = { name: spec.name, app: app() }; break;
+    case 'certs show':
+    case 'certs remove': command = { name: spec.name, app: app(), hostname: pos(0) }; break;
+    case 'certs request': command = { name: spec.name, app: app(), hostname: pos(0), wait: bool('wait') }; break;
+    case 'ips allocate-v4':
+    case 'ips allocate-v6': {
+      const region = str('region');
+      command = { name: spec.name, app: app(), ...(region !== undefined ? { region } : {}) };
+      break;
+    }
+    case 'ips list': command = { name: spec.name, app: app() }; break;
+    case 'ips release': command = { name: spec.name, app: app(), ip: pos(0) }; break;
+    case 'wireguard create': {
+      const gateway = str('gateway');
+      command = { name: spec.name, org: pos(0), peer: pos(1), ...(gateway !== undefined ? { gateway } : {}) };
+      break;
+    }
     case 'version': command = { name: spec.name }; break;
   }
   if (global.apiUrl !== undefined) usage(() => checkApiUrl(global.apiUrl!));
@@ -431,6 +506,22 @@ export function portsToServices(specs: readonly string[]): Service[] {
   return services;
 }
 
+/** flyctl's `--autostart` value: true or false. */
+export function parseAutostart(v: string): boolean {
+  const b = v.toLowerCase();
+  if (b !== 'true' && b !== 'false') throw new UsageError(`--autostart must be true or false, not '${v}'`);
+  return b === 'true';
+}
+
+/** flyctl's `--autostop` value: off, stop or suspend, with true meaning stop and false off. */
+export function parseAutostop(v: string): 'off' | 'stop' | 'suspend' {
+  const m = v.toLowerCase();
+  if (m === 'off' || m === 'false') return 'off';
+  if (m === 'stop' || m === 'true') return 'stop';
+  if (m === 'suspend') return 'suspend';
+  throw new UsageError(`--autostop must be off, stop or suspend (or true/false), not '${v}'`);
+}
+
 /** K=V pairs (value may contain '='; later ones win). */
 export function parseEnvPairs(pairs: readonly string[]): Record<string, string> {
   const env: Record<string, string> = {};
@@ -490,6 +581,8 @@ export interface RunFlags {
   restart?: string | undefined;
   cmd?: string | undefined;
   entrypoint?: string | undefined;
+  autostart?: string | undefined;
+  autostop?: string | undefined;
 }
 
 /** Builds the body of `POST /v1/apps/{app}/machines` from `machine run` flags. */
@@ -497,6 +590,17 @@ export function buildCreateRequest(image: string, f: RunFlags): CreateMachineReq
   const config: MachineConfig = { image };
   if (f.env.length > 0) config.env = parseEnvPairs(f.env);
   if (f.ports.length > 0) config.services = portsToServices(f.ports);
+  // As flyctl: set on every service the --port flags make, and only when given (unset means Fly's defaults).
+  const autostart = f.autostart === undefined ? undefined : parseAutostart(f.autostart);
+  const autostop = f.autostop === undefined ? undefined : parseAutostop(f.autostop);
+  if (autostart !== undefined || autostop !== undefined) {
+    const flag = autostart !== undefined ? '--autostart' : '--autostop';
+    if (config.services === undefined) throw new UsageError(`${flag} applies to the services --port publishes: add a --port`);
+    for (const svc of config.services) {
+      if (autostart !== undefined) svc.autostart = autostart;
+      if (autostop !== undefined) svc.autostop = autostop;
+    }
+  }
   if (f.cpus !== undefined || f.memory !== undefined) {
     config.guest = {};
     if (f.cpus !== undefined) config.guest.cpus = parsePositiveInt(f.cpus, '--cpus');

@@ -5,14 +5,14 @@ import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { request } from 'undici';
 import {
-  buildCreateRequest, parseCommandLine, parseEnvPairs, parsePortSpec, portsToServices, splitCommand, UsageError, type Command,
+  buildCreateRequest, parseAutostart, parseAutostop, parseCommandLine, parseEnvPairs, parsePortSpec, portsToServices, splitCommand,
+  UsageError, type Command,
 } from './args.ts';
 import { resolveApiConfig } from './config.ts';
-import { runCli } from './main.ts';
+import { runCaptured } from './testing.ts';
 import { ago, eventDetail, servicesLabel, table, visibleLength } from './format.ts';
 import { Progress, progressLine } from './progress.ts';
 import type { LogEntry, MachineEventResponse, MachineResponse } from '../client/index.ts';
@@ -79,6 +79,26 @@ describe('parsing', () => {
         },
       },
     });
+  });
+
+  test('machine run --autostart and --autostop set every service the --port flags make, as flyctl', () => {
+    const services = (argv: string[]): unknown => {
+      const { command } = run(['machine', 'run', 'img', '-a', 'x', '--port', '80:8080/tcp:http', '--port', '53/udp', ...argv]);
+      return command.name === 'machine run' ? command.request.config.services : undefined;
+    };
+    assert.deepEqual(services(['--autostart', 'false', '--autostop', 'suspend']), [
+      { protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }], autostart: false, autostop: 'suspend' },
+      { protocol: 'udp', internal_port: 53, ports: [{ port: 53 }], autostart: false, autostop: 'suspend' },
+    ]);
+    assert.deepEqual(services(['--autostart=TRUE']), [
+      { protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }], autostart: true },
+      { protocol: 'udp', internal_port: 53, ports: [{ port: 53 }], autostart: true },
+    ]);
+    // Unset stays unset: the service keeps Fly's defaults (autostart on, autostop off).
+    assert.deepEqual(services([]), [
+      { protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }] },
+      { protocol: 'udp', internal_port: 53, ports: [{ port: 53 }] },
+    ]);
   });
 
   test('machine run defaults and TARMAC_APP', () => {
@@ -149,6 +169,10 @@ describe('parsing', () => {
     usageError(['machine', 'run', 'img', '-a', 'x', '--memory', 'lots'], /--memory/);
     usageError(['machine', 'run', 'img', '-a', 'x', '--restart', 'sometimes'], /--restart must be/);
     usageError(['machine', 'run', 'img', '-a', 'x', '--cmd', 'echo "hi'], /unclosed/);
+    usageError(['machine', 'run', 'img', '-a', 'x', '-p', '80', '--autostart', 'maybe'], /--autostart must be true or false, not 'maybe'/);
+    usageError(['machine', 'run', 'img', '-a', 'x', '-p', '80', '--autostop', 'sleep'], /--autostop must be off, stop or suspend/);
+    usageError(['machine', 'run', 'img', '-a', 'x', '-p', '80', '--autostart'], /flag --autostart needs a value/);
+    usageError(['machine', 'run', 'img', '-a', 'x', '--autostop', 'stop'], /--autostop applies to the services --port publishes/);
     usageError(['machine', 'stop', 'id', '-a', 'x', '--signal', 'NOPE'], /--signal must be one of/);
     usageError(['machine', 'stop', 'id', '-a', 'x', '--timeout', 'soon'], /--timeout must be seconds/);
     usageError(['machine', 'start', '-a', 'x'], /missing argument ID/);
@@ -175,6 +199,14 @@ describe('value parsers', () => {
       { protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }, { port: 8443 }] },
       { protocol: 'tcp', internal_port: 9000, ports: [{ port: 9000 }] },
     ]);
+  });
+
+  test('--autostart and --autostop values follow flyctl', () => {
+    assert.equal(parseAutostart('true'), true);
+    assert.equal(parseAutostart('False'), false);
+    assert.throws(() => parseAutostart('yes'), UsageError);
+    assert.deepEqual(['off', 'stop', 'suspend', 'true', 'FALSE', 'Stop'].map(parseAutostop), ['off', 'stop', 'suspend', 'stop', 'off', 'stop']);
+    assert.throws(() => parseAutostop(''), UsageError);
   });
 
   test('--env and --cmd', () => {
@@ -327,19 +359,10 @@ function tarmac(
 }
 
 /**
- * The same CLI in this process (`runCli` with captured streams, no terminal): for the checks of tables, JSON and
- * error lines that do not need a process of their own, since every `node bin/tarmac.mjs` costs ~0.5 s of CPU.
+ * The same CLI in this process (captured streams, no terminal): for the checks of tables, JSON and error lines that
+ * do not need a process of their own, since every `node bin/tarmac.mjs` costs ~0.5 s of CPU.
  */
-async function cli(args: string[], env: Record<string, string>, cwd: string): Promise<Result> {
-  let stdout = '';
-  let stderr = '';
-  const sink = (add: (s: string) => void) => new Writable({ write(chunk: Buffer | string, _enc, cb) { add(String(chunk)); cb(); } });
-  const code = await runCli(args, {
-    stdout: sink((s) => (stdout += s)), stderr: sink((s) => (stderr += s)), stdin: Readable.from([]),
-    env: { ...env }, cwd, interrupt: new AbortController().signal,
-  });
-  return { code, stdout, stderr };
-}
+const cli: (args: string[], env: Record<string, string>, cwd: string) => Promise<Result> = runCaptured;
 
 function assertOneErrorLine(r: Result, code: number, pattern: RegExp): void {
   assert.equal(r.code, code, `exit code (stderr: ${r.stderr})`);
@@ -491,7 +514,10 @@ describe('tarmac against a real host', () => {
   test('machine run waits with progress, the machine serves through the proxy; list, status, stop, start, restart, destroy', async () => {
     ok(await tarmac(['apps', 'create', 'web'], env, dir));
     // A cold image: the progress shows each phase once (stdout is not a terminal), in order.
-    let out = ok(await tarmac(['machine', 'run', httpRef, '-a', 'web', '--port', '80:8080/tcp:http', '--env', 'A=1', '--name', 'one'], env, dir));
+    // Without autostart, so that a stopped machine stays stopped when a request comes (below).
+    let out = ok(await tarmac([
+      'machine', 'run', httpRef, '-a', 'web', '--port', '80:8080/tcp:http', '--env', 'A=1', '--name', 'one', '--autostart', 'false',
+    ], env, dir));
     const id = idOf(out);
     const lines = out.trimEnd().split('\n');
     const image = httpRef.replace(/[.]/g, '\\.');
@@ -531,7 +557,7 @@ describe('tarmac against a real host', () => {
     assert.equal(machines.length, 1);
     assert.equal(machines[0]!.state, 'started');
     assert.deepEqual(machines[0]!.config.env, { A: '1' });
-    assert.deepEqual(machines[0]!.config.services, [{ protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }] }]);
+    assert.deepEqual(machines[0]!.config.services, [{ protocol: 'tcp', internal_port: 8080, ports: [{ port: 80, handlers: ['http'] }], autostart: false }]);
     assert.match(ok(status), /^App +web$/m);
     assert.match(status.stdout, new RegExp(`^${id} +one +started +local`, 'm'));
     assert.match(ok(mstatus), /^State +started$/m);
@@ -542,7 +568,8 @@ describe('tarmac against a real host', () => {
     // stop and start wait for the new state.
     assert.equal(ok(await tarmac(['machine', 'stop', id, '-a', 'web'], env, dir)), `Machine ${id} stopped\n`);
     assert.equal((await h!.client.getMachine('web', id)).state, 'stopped');
-    assert.equal((await get('web')).status, 503, 'a stopped machine serves nothing');
+    assert.equal((await get('web')).status, 503, 'a stopped machine without autostart serves nothing');
+    assert.equal((await h!.client.getMachine('web', id)).state, 'stopped', 'the request did not start it');
     assert.equal(ok(await tarmac(['machine', 'start', id, '-a', 'web'], env, dir)), `Machine ${id} started\n`);
     assert.equal((await h!.client.getMachine('web', id)).state, 'started');
     await answers('web', id, 'the started machine to answer');

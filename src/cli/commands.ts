@@ -1,4 +1,6 @@
 // What each `tarmac` command does, over the typed API client only; loaded lazily so `--help` stays fast.
+import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { createInterface } from 'node:readline/promises';
 import { setTimeout as delay } from 'node:timers/promises';
 import { ApiError, TarmacClient, type CreateAppRequest, type MachineEventResponse, type MachineResponse } from '../client/index.ts';
@@ -9,6 +11,9 @@ import {
   appDetails, appsTable, eventsTable, hostsTable, logLine, machineDetails, machinesTable, servicesLabel, shouldColor, type Style,
 } from './format.ts';
 import { Progress } from './progress.ts';
+import { certDetails, certsTable } from './certs.ts';
+import { ipsTable } from './ips.ts';
+import { createWireguardPeer } from './wireguard.ts';
 
 type OutStream = NodeJS.WritableStream & { isTTY?: boolean };
 
@@ -92,6 +97,75 @@ async function dispatch(cmd: Command, client: TarmacClient, out: Out): Promise<n
       await client.deleteApp(cmd.app);
       if (out.json) await out.doc({ ok: true });
       else await out.write(`Destroyed app ${cmd.app}\n`);
+      return 0;
+    }
+    case 'certs add': {
+      const read = (file: string, flag: string) => readFile(resolve(out.io.cwd, file), 'utf8').catch((e: unknown) => {
+        throw new UsageError(`cannot read ${flag} ${file}: ${(e as Error).message}`);
+      });
+      const cert = await client.addCustomCertificate(cmd.app, {
+        hostname: cmd.hostname, fullchain: await read(cmd.fullchain, '--fullchain'), private_key: await read(cmd.privateKey, '--private-key'),
+      });
+      if (out.json) await out.doc(cert);
+      else await out.write(`Added certificate for ${cert.hostname} to app ${cmd.app} (valid until ${cert.not_after})\n`);
+      return 0;
+    }
+    case 'certs list': {
+      const res = await client.listCertificates(cmd.app);
+      if (out.json) await out.doc(res);
+      else if (res.certificates.length === 0) await out.write(`No certificates: add one with 'tarmac certs add HOSTNAME -a ${cmd.app} --fullchain FILE --private-key FILE'\n`);
+      else await out.write(certsTable(res.certificates, style));
+      return 0;
+    }
+    case 'certs show': {
+      const cert = await client.getCertificate(cmd.app, cmd.hostname);
+      if (out.json) await out.doc(cert);
+      else await out.write(certDetails(cert, style));
+      return 0;
+    }
+    case 'certs remove': {
+      await client.deleteCertificate(cmd.app, cmd.hostname);
+      if (out.json) await out.doc({ ok: true });
+      else await out.write(`Removed the certificate for ${cmd.hostname} from app ${cmd.app}\n`);
+      return 0;
+    }
+    case 'certs request': {
+      let cert = await client.requestAcmeCertificate(cmd.app, cmd.hostname);
+      while (cmd.wait && cert.status === 'pending' && !out.io.interrupt.aborted) {
+        await delay(1_000);
+        cert = await client.getCertificate(cmd.app, cmd.hostname);
+      }
+      if (out.json) await out.doc(cert);
+      else if (cert.status === 'issued') await out.write(`Issued a certificate for ${cert.hostname} to app ${cmd.app} (valid until ${cert.not_after}; renewed automatically)\n`);
+      else if (cert.status === 'pending') await out.write(`Requested a certificate for ${cert.hostname} (pending): see 'tarmac certs show ${cert.hostname} -a ${cmd.app}'\n`);
+      if (cert.status !== 'failed') return 0;
+      if (out.json) return 1;
+      throw new TarmacError('failed_precondition', `the ACME order for ${cert.hostname} failed: ${cert.error ?? 'no reason given'}`);
+    }
+    case 'ips allocate-v4':
+    case 'ips allocate-v6': {
+      const ip = await client.allocateIp(cmd.app, { type: cmd.name === 'ips allocate-v4' ? 'v4' : 'v6', ...(cmd.region !== undefined ? { region: cmd.region } : {}) });
+      if (out.json) await out.doc(ip);
+      else await out.write(`Allocated ${ip.ip} to app ${cmd.app}\n`);
+      return 0;
+    }
+    case 'ips list': {
+      const res = await client.listIps(cmd.app);
+      if (out.json) await out.doc(res);
+      else if (res.ips.length === 0) await out.write(`No addresses: allocate one with 'tarmac ips allocate-v4 -a ${cmd.app}'\n`);
+      else await out.write(ipsTable(res.ips, style));
+      return 0;
+    }
+    case 'ips release': {
+      await client.releaseIp(cmd.app, cmd.ip);
+      if (out.json) await out.doc({ ok: true });
+      else await out.write(`Released ${cmd.ip} from app ${cmd.app}\n`);
+      return 0;
+    }
+    case 'wireguard create': {
+      const { peer, config } = await createWireguardPeer(client, cmd.org, cmd.peer, cmd.gateway);
+      if (out.json) await out.doc({ ...peer, config });
+      else await out.write(config);
       return 0;
     }
     case 'machine run': return machineRun(cmd, client, out);

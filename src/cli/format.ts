@@ -180,6 +180,10 @@ export function machineDetails(m: MachineResponse, style: Style, now = Date.now(
   const svc = servicesLabel(m);
   if (svc) rows.push(['Services', svc]);
   if (m.config.restart?.policy) rows.push(['Restart', m.config.restart.policy + (m.config.restart.max_retries !== undefined ? ` (max ${m.config.restart.max_retries} retries)` : '')]);
+  if (m.checks?.length) {
+    const color = { passing: 'green', warning: 'yellow', critical: 'red' } as const;
+    rows.push(['Checks', m.checks.map((c) => `${c.name} ${paint(style, color[c.status], c.status)}`).join(', ')]);
+  }
   if (m.cordoned) rows.push(['Cordoned', 'yes']);
   if (m.host_status && m.host_status !== 'ok') rows.push(['Host', m.host_status]);
   rows.push(['Created', `${m.created_at} (${ago(m.created_at, now)})`], ['Updated', `${m.updated_at} (${ago(m.updated_at, now)})`]);

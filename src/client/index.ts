@@ -75,6 +75,16 @@ export interface MachineResponse {
   desired_state?: 'started' | 'stopped' | 'destroyed';
   /** Lease nonce: on a create that asked for `lease_ttl`, and while the machine is leased (as Fly documents). */
   nonce?: string;
+  /** Health check results while the machine runs checks (Fly's shape). */
+  checks?: CheckStatusResponse[];
+}
+
+/** One health check's latest result in a machine's JSON. */
+export interface CheckStatusResponse {
+  name: string;
+  status: 'passing' | 'warning' | 'critical';
+  output: string;
+  updated_at: string;
 }
 
 /** Body of `POST /v1/apps/{app}/machines` (and of an update). */
@@ -194,6 +204,71 @@ export class ApiError extends Error {
   ) {
     super(message, options);
   }
+}
+
+/** A certificate as the API shows it: everything but the private key, which the API never returns. */
+export interface CertificateResponse {
+  hostname: string;
+  app: string;
+  source: 'custom' | 'self-signed' | 'acme';
+  /** `pending` while an ACME order is asked for or runs, `failed` when it failed (see `error`), else `issued`. */
+  status: 'pending' | 'issued' | 'failed';
+  /** True when the host name gets its certificate through ACME (and renewals). */
+  acme_requested: boolean;
+  /** Why the last ACME order failed. */
+  error?: string;
+  /** Empty while ACME issues the first certificate (so are subject, validity and fingerprint). */
+  issuer: string;
+  subject: string;
+  /** ISO times. */
+  not_before: string;
+  not_after: string;
+  fingerprint_sha256: string;
+  /** The PEM chain, leaf first (public). */
+  fullchain: string;
+  created_at: string;
+}
+
+/** An address of an app's own (Fly's IPAssignment, with its family). */
+export interface IpAssignmentResponse {
+  ip: string;
+  type: 'v4' | 'v6';
+  region: string;
+  /** Always false: shared addresses are Fly's anycast IPv4 for HTTP, which Tarmac serves by Host on the shared ports. */
+  shared: boolean;
+  service_name: string;
+  created_at: string;
+}
+
+/** An operator's WireGuard peer in an org's network (Tarmac's `tarmac wireguard create`). */
+export interface WireguardPeerResponse {
+  name: string;
+  org_slug: string;
+  /** The device's address in the org's network (its config's Interface Address, /128). */
+  address: string;
+  public_key: string;
+  /** The internal DNS server the device uses (fdaa::3 on the gateway). */
+  dns: string;
+  /** What the device routes to the gateway: the org's network and the DNS address. */
+  allowed_ips: string[];
+  gateway: { id: string; public_key: string; endpoint: string };
+  created_at: string;
+}
+
+export interface ListIpAssignmentsResponse {
+  ips: IpAssignmentResponse[];
+}
+
+export interface ListCertificatesResponse {
+  total_certificates: number;
+  certificates: CertificateResponse[];
+}
+
+/** Body of `POST /v1/apps/{app}/certificates/custom`: PEM, unencrypted key. */
+export interface AddCustomCertificateRequest {
+  hostname: string;
+  fullchain: string;
+  private_key: string;
 }
 
 export interface ClientOptions {
@@ -318,6 +393,61 @@ export class TarmacClient {
 
   async releaseLease(app: string, id: string, nonce: string): Promise<void> {
     await this.#json('DELETE', `${this.#m(app, id)}/lease`, { nonce });
+  }
+
+  // ---- certificates ----
+
+  /** Uploads a certificate for one of the app's host names (replacing the app's previous one for that name). */
+  addCustomCertificate(app: string, body: AddCustomCertificateRequest): Promise<CertificateResponse> {
+    return this.#json('POST', `/v1/apps/${enc(app)}/certificates/custom`, { body });
+  }
+
+  /**
+   * Asks for a Let's Encrypt (ACME) certificate for one of the app's host names: answered at once with `status:
+   * pending` (joining an order already pending); poll `getCertificate` until `issued` or `failed`.
+   */
+  requestAcmeCertificate(app: string, hostname: string): Promise<CertificateResponse> {
+    return this.#json('POST', `/v1/apps/${enc(app)}/certificates/acme`, { body: { hostname } });
+  }
+
+  listCertificates(app: string): Promise<ListCertificatesResponse> {
+    return this.#json('GET', `/v1/apps/${enc(app)}/certificates`);
+  }
+
+  getCertificate(app: string, hostname: string): Promise<CertificateResponse> {
+    return this.#json('GET', `/v1/apps/${enc(app)}/certificates/${enc(hostname)}`);
+  }
+
+  async deleteCertificate(app: string, hostname: string): Promise<void> {
+    await this.#json('DELETE', `/v1/apps/${enc(app)}/certificates/${enc(hostname)}`);
+  }
+
+  // ---- IP addresses ----
+
+  /** Allocates an address of the app's own from the fleet's pool (Fly's `ip_assignments`). */
+  allocateIp(app: string, body: { type: 'v4' | 'v6'; region?: string; org_slug?: string }): Promise<IpAssignmentResponse> {
+    return this.#json('POST', `/v1/apps/${enc(app)}/ip_assignments`, { body });
+  }
+
+  listIps(app: string): Promise<ListIpAssignmentsResponse> {
+    return this.#json('GET', `/v1/apps/${enc(app)}/ip_assignments`);
+  }
+
+  async releaseIp(app: string, ip: string): Promise<void> {
+    await this.#json('DELETE', `/v1/apps/${enc(app)}/ip_assignments/${enc(ip)}`);
+  }
+
+  /** Adds an operator's device (its public key) to an org's network through a gateway host. */
+  createWireguardPeer(org: string, body: { name: string; public_key: string; gateway?: string }): Promise<WireguardPeerResponse> {
+    return this.#json('POST', `/v1/orgs/${enc(org)}/wireguard_peers`, { body });
+  }
+
+  listWireguardPeers(org: string): Promise<{ peers: WireguardPeerResponse[] }> {
+    return this.#json('GET', `/v1/orgs/${enc(org)}/wireguard_peers`);
+  }
+
+  async removeWireguardPeer(org: string, name: string): Promise<void> {
+    await this.#json('DELETE', `/v1/orgs/${enc(org)}/wireguard_peers/${enc(name)}`);
   }
 
   // ---- fleet (Tarmac extensions) ----

@@ -3,15 +3,21 @@ import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { randomBytes, randomInt } from 'node:crypto';
 import { join } from 'node:path';
-import { openEtcdCatalog, openSqliteCatalog, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
+import { openEtcdCatalog, openSqliteCatalog, privateDnsAddress, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
-import { metricsHandler, startProxy, startProxyCluster, trackProxyMetrics, type RunningProxy } from '../proxy/index.ts';
+import {
+  metricsHandler, startAutostop, startProxy, startProxyCluster, startStoppedMachine, stopIdleMachine, trackProxyMetrics, type RunningProxy,
+} from '../proxy/index.ts';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, type Driver } from '../orchestrator/index.ts';
+import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, FIREWALL_TABLE, NETWORKS_SET, type Driver } from '../orchestrator/index.ts';
+import { hostMeshAddress, meshIdentity, startMesh, MIN_MESH_HOST_NUMBER } from '../mesh/index.ts';
+import { parseUpstream, startDnsServer, upstreamsFromResolvConf, type RunningDns } from '../dns/index.ts';
+import { AcmeManager, defaultAcmePolicy } from '../acme/index.ts';
+import { TarmacError } from '../shared/errors.ts';
 import { hashToken, newToken } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
-import type { HostConfig } from './config.ts';
+import { httpsListen, ipPoolOf, meshEndpoint, type HostConfig } from './config.ts';
 import { EtcdFleetStatus } from './fleet-status.ts';
 import { ensureSystemPackages, findBinary } from './system.ts';
 
@@ -26,6 +32,10 @@ export interface RunningHost {
   readonly metricsUrl: string;
   readonly catalog: Catalog;
   readonly orchestrator: Orchestrator | undefined;
+  /** The internal DNS server (undefined when dns.enabled is false). */
+  readonly dns: RunningDns | undefined;
+  /** The ACME manager (undefined when acme.enabled is false). */
+  readonly acme: AcmeManager | undefined;
   close(): Promise<void>;
 }
 
@@ -49,6 +59,11 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     const hostId = await hostIdentity(dataDir, config);
     const adminToken = await ensureAdmin(catalog, dataDir, env);
     const host = await hostRow(catalog, dataDir, hostId, config);
+    const meshId = config.mesh.enabled ? await meshIdentity({ dataDir, hostNumber: host.host_number, endpoint: meshEndpoint(config) }) : undefined;
+    if (meshId) host.mesh = meshId.row;
+    // With the mesh, the backhaul goes over it by default: edges reach this host's proxy at its mesh address.
+    const backhaul = config.proxy.backhaul ?? (meshId && isWorker ? { host: hostMeshAddress(host.host_number), port: defaultBackhaulPort } : undefined);
+    if (backhaul) host.backhaul = formatHostPort(backhaul);
     let fleet: EtcdFleetStatus | undefined;
     if (etcd) {
       // Registered with etcd: the registration also carries this host's report of its catalog copy.
@@ -63,6 +78,17 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
       closers.push(() => registration.close());
     }
     log.info({ host: hostId, region: config.region, roles: config.roles, data_dir: dataDir }, 'host starting');
+
+    const dns = config.dns.enabled ? await startHostDns(config, catalog, isWorker, log) : undefined;
+    if (dns) closers.push(() => dns.close());
+
+    if (meshId) {
+      const mesh = await startMesh({
+        catalog, hostId, hostNumber: host.host_number, identity: meshId, dataDir, listenPort: config.mesh.listen_port,
+        firewall: { table: FIREWALL_TABLE, set: NETWORKS_SET }, log: log.child({ component: 'mesh' }),
+      });
+      closers.push(() => mesh.close());
+    }
 
     let orchestrator: Orchestrator | undefined;
     if (isWorker) {
@@ -85,7 +111,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     if (config.roles.includes('api')) {
       const o = orchestrator;
       api = await startApi({
-        catalog, listen: config.api, log: log.child({ component: 'api' }), region: config.region, adminToken,
+        catalog, listen: config.api, log: log.child({ component: 'api' }), region: config.region, adminToken, ipPool: ipPoolOf(config.proxy),
         ...(fleet ? { fleet } : {}),
         ...(o ? {
           workers: {
@@ -103,27 +129,66 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     if (config.roles.includes('edge') || isWorker) {
       const proxyOptions = {
         catalog, http: config.proxy.http, appsDomain: config.proxy.apps_domain, log: log.child({ component: 'proxy' }), region: config.region,
+        hostId, ...(backhaul ? { backhaul } : {}),
+        https: httpsListen(config.proxy), certificatesDir: join(dataDir, 'tls'), appAddresses: config.roles.includes('edge'),
       };
       proxy = config.proxy.workers > 1
         ? await startProxyCluster({ ...proxyOptions, workers: config.proxy.workers, logLevel: config.log_level })
-        : await startProxy(proxyOptions);
+        : await startProxy({ ...proxyOptions, autostart: { catalog, start: (id: string) => startStoppedMachine(catalog, id) } });
       const p = proxy;
       closers.push(() => p.close());
-      if (config.proxy.workers === 1) { // cluster workers keep their own registries (not aggregated yet)
+      if (config.proxy.workers === 1) { // a cluster's workers track their own; the metrics listener merges them
         const untrack = trackProxyMetrics(p);
         closers.push(async () => untrack());
       }
+      // Autostart and autostop need one process to see every request (a cluster spreads them over its workers).
+      if (config.proxy.workers === 1 && isWorker) {
+        const autostop = startAutostop({
+          routes: () => p.routes, catalog, hostId, idleMs: config.proxy.autostop_idle_ms,
+          stop: (id) => stopIdleMachine(catalog, id), log: log.child({ component: 'autostop' }),
+        });
+        closers.push(async () => autostop.close());
+      }
     }
-    const metrics = await listenMetrics(config.metrics);
+    const acme = config.acme.enabled ? await startAcme(config, catalog, hostId, log) : undefined;
+    if (acme) closers.push(() => acme.close());
+    const metrics = await listenMetrics(config.metrics, proxy !== undefined && config.proxy.workers > 1);
     closers.push(() => new Promise<void>((r) => metrics.close(() => r())));
     const m = metrics.address() as AddressInfo;
     const metricsUrl = `http://${m.family === 'IPv6' ? `[${m.address}]` : m.address}:${m.port}/metrics`;
     log.info({ api: api?.url, proxy: proxy?.address, metrics: metricsUrl }, 'host ready');
-    return { config, hostId, adminToken, apiUrl: api?.url, proxy, metricsUrl, catalog, orchestrator, close };
+    return { config, hostId, adminToken, apiUrl: api?.url, proxy, metricsUrl, catalog, orchestrator, dns, acme, close };
   } catch (e) {
     await close();
     throw e;
   }
+}
+
+/** The ACME manager of a host with `acme.enabled`: orders and renewals for the whole fleet, account key under data_dir/acme. */
+async function startAcme(config: HostConfig, catalog: Catalog, hostId: string, log: Logger): Promise<AcmeManager> {
+  const c = config.acme;
+  const caPem = c.ca_file === undefined ? undefined : await readFile(c.ca_file, 'utf8').catch((e: unknown) => {
+    throw new TarmacError('invalid_argument', `acme.ca_file: cannot read ${c.ca_file}: ${(e as Error).message}`, { cause: e });
+  });
+  const manager = new AcmeManager({
+    catalog, hostId, challenges: c.challenges, checkIntervalMs: c.check_interval_seconds * 1000,
+    policy: { ...defaultAcmePolicy, renewBeforeMs: c.renew_before_days * 86_400_000 },
+    account: { directoryUrl: c.directory, email: c.email, caPem, dir: join(config.data_dir, 'acme') },
+    log: log.child({ component: 'acme' }),
+  });
+  manager.start();
+  return manager;
+}
+
+/** The internal DNS server: the operator's listener, and [fdaa::3]:53 for the machines of a worker. */
+async function startHostDns(config: HostConfig, catalog: Catalog, isWorker: boolean, log: Logger): Promise<RunningDns> {
+  const upstreams = config.dns.upstreams.length > 0
+    ? config.dns.upstreams.map(parseUpstream)
+    : upstreamsFromResolvConf(await readFile('/etc/resolv.conf', 'utf8').catch(() => ''));
+  return startDnsServer({
+    catalog, upstreams, trusted: config.dns.trusted, region: config.region, log: log.child({ component: 'dns' }),
+    listen: [config.dns.listen, ...(isWorker ? [{ host: privateDnsAddress, port: 53 }] : [])],
+  });
 }
 
 async function hostIdentity(dataDir: string, config: HostConfig): Promise<string> {
@@ -164,6 +229,14 @@ async function hostRow(catalog: Catalog, dataDir: string, id: string, config: Ho
   };
 }
 
+/** Port of the backhaul listener a mesh host opens at its mesh address when `proxy.backhaul` does not say otherwise. */
+const defaultBackhaulPort = 4281;
+
+/** `host:port`, IPv6 hosts in brackets. */
+function formatHostPort(l: { host: string; port: number }): string {
+  return `${l.host.includes(':') ? `[${l.host}]` : l.host}:${l.port}`;
+}
+
 /** This host's number, kept in the data dir: with etcd the host row vanishes with its lease, the number must not. */
 async function hostNumber(catalog: Catalog, dataDir: string): Promise<number> {
   const file = join(dataDir, 'host-number');
@@ -184,20 +257,21 @@ async function openCatalog(config: HostConfig, log: Logger): Promise<{ catalog: 
 
 /**
  * A host number not used in this fleet. Random rather than sequential, so that separate fleets on one Linux
- * machine (two single-host data dirs, parallel test hosts) give their machines distinct private addresses.
+ * machine (two single-host data dirs, parallel test hosts) give their machines distinct private addresses; the top
+ * bit is set, as the mesh's host-first wire addresses need (docs/mesh.md).
  */
 function newHostNumber(catalog: Catalog): number {
   const taken = new Set(catalog.listHosts().map((h) => h.host_number));
   for (;;) {
-    const n = randomInt(1, 0x7fffffff);
+    const n = randomInt(MIN_MESH_HOST_NUMBER, 0x1_0000_0000);
     if (!taken.has(n)) return n;
   }
 }
 
 /** Serves GET /metrics (Prometheus text format) on its own listener. */
-async function listenMetrics(listen: { host: string; port: number }): Promise<Server> {
+async function listenMetrics(listen: { host: string; port: number }, proxyCluster: boolean): Promise<Server> {
   const server = createServer((req, res) => {
-    if (req.method === 'GET' && req.url?.split('?')[0] === '/metrics') return void metricsHandler(req, res);
+    if (req.method === 'GET' && req.url?.split('?')[0] === '/metrics') return void metricsHandler(req, res, proxyCluster);
     res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try GET /metrics\n');
   });
   await new Promise<void>((resolve, reject) => {

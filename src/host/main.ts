@@ -15,9 +15,18 @@ Options:
   --data-dir DIR         data directory (default $TARMAC_DATA_DIR or ./.tarmac)
   --api-listen H:P       Machines API address (default 127.0.0.1:4280)
   --proxy-listen H:P     proxy HTTP address (default 0.0.0.0:8080)
+  --proxy-https-listen H:P
+                         proxy HTTPS address (default: port 8443 on the HTTP host)
   --metrics-listen H:P   Prometheus /metrics address (default 127.0.0.1:9480)
+  --dns-listen H:P       internal DNS for the operator's tools (default 127.0.0.1:5353)
   --apps-domain D        apps answer at <app>.D (default localhost)
   --proxy-workers N      proxy processes sharing the port (default 1)
+  --proxy-backhaul-listen H:P
+                         take requests other hosts' edges forward to this host's machines
+                         (a private address: the forwarding headers on it are trusted)
+  --role R[,R…]          edge, worker and/or api (default all three)
+  --mesh-endpoint IP:PORT
+                         join the WireGuard mesh (docs/mesh.md); other hosts reach this host's UDP port there
   --region R             region of this host (default local)
   --catalog URL          sqlite (default) or etcd://h1:2379,h2:2379 ($TARMAC_CATALOG)
   --runtime NAME         default machine runtime: runc, crun or runsc (default runc)
@@ -35,7 +44,9 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
       config: { type: 'string' }, 'data-dir': { type: 'string' }, 'api-listen': { type: 'string' },
       'proxy-listen': { type: 'string' }, 'apps-domain': { type: 'string' }, region: { type: 'string' },
       runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
-      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' }, 'proxy-workers': { type: 'string' },
+      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' }, 'dns-listen': { type: 'string' }, 'proxy-workers': { type: 'string' },
+      'proxy-backhaul-listen': { type: 'string' }, 'proxy-https-listen': { type: 'string' }, role: { type: 'string' },
+      'mesh-endpoint': { type: 'string' },
     },
   });
   const input: Record<string, unknown> = values.config ? { ...(await readConfigFile(values.config)) } : {};
@@ -43,12 +54,20 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
   if (dataDir) input['data_dir'] = dataDir;
   if (values['api-listen']) input['api'] = parseListen(values['api-listen'], '--api-listen');
   if (values['metrics-listen']) input['metrics'] = parseListen(values['metrics-listen'], '--metrics-listen');
+  if (values['dns-listen']) input['dns'] = { ...(input['dns'] as object | undefined), listen: parseListen(values['dns-listen'], '--dns-listen') };
   const proxy = { ...(input['proxy'] as object | undefined) } as Record<string, unknown>;
   if (values['proxy-listen']) proxy['http'] = parseListen(values['proxy-listen'], '--proxy-listen');
+  if (values['proxy-https-listen']) proxy['https'] = parseListen(values['proxy-https-listen'], '--proxy-https-listen');
   if (values['apps-domain']) proxy['apps_domain'] = values['apps-domain'];
   if (values['proxy-workers']) proxy['workers'] = Number(values['proxy-workers']);
+  if (values['proxy-backhaul-listen']) proxy['backhaul'] = parseListen(values['proxy-backhaul-listen'], '--proxy-backhaul-listen');
   if (Object.keys(proxy).length) input['proxy'] = proxy;
   if (values.region) input['region'] = values.region;
+  if (values['mesh-endpoint']) {
+    const endpoint = values['mesh-endpoint'];
+    input['mesh'] = { ...(input['mesh'] as object | undefined), enabled: true, endpoint, listen_port: parseListen(endpoint, '--mesh-endpoint').port };
+  }
+  if (values.role) input['roles'] = values.role.split(',').map((r) => r.trim());
   if (values.catalog ?? env['TARMAC_CATALOG']) input['catalog'] = values.catalog ?? env['TARMAC_CATALOG'];
   if (values.runtime) input['runtime'] = { ...(input['runtime'] as object | undefined), default: values.runtime };
   if (values['no-install']) input['install_packages'] = false;
@@ -80,8 +99,9 @@ export async function runHost(argv: string[]): Promise<number> {
   }
   const tokenNote = process.env['TARMAC_API_TOKEN'] ? 'the token in $TARMAC_API_TOKEN' : `the token in ${join(config.data_dir, 'admin-token')}`;
   process.stderr.write(
-    `Tarmac is running.\n  Machines API  ${host.apiUrl}/v1  (Authorization: Bearer <${tokenNote}>)\n` +
-    `  Proxy         http://<app>.${config.proxy.apps_domain}:${host.proxy?.address.port}\n  Metrics       ${host.metricsUrl}\n  Data          ${config.data_dir}\nPress Ctrl-C to stop.\n`,
+    `Tarmac is running (${config.roles.join(', ')}).\n${host.apiUrl ? `  Machines API  ${host.apiUrl}/v1  (Authorization: Bearer <${tokenNote}>)\n` : ''}` +
+    `  Proxy         http://<app>.${config.proxy.apps_domain}:${host.proxy?.address.port}\n` +
+    `  HTTPS         https://<app>.${config.proxy.apps_domain}:${host.proxy?.httpsAddress?.port} (self-signed until you add a certificate)\n  Metrics       ${host.metricsUrl}\n${host.dns ? `  DNS           ${host.dns.listening().map((l) => `${l.host}:${l.port}`).join(', ')} (.internal names)\n` : ''}  Data          ${config.data_dir}\nPress Ctrl-C to stop.\n`,
   );
   await new Promise<void>((resolve) => {
     const stop = () => resolve();

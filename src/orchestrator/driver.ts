@@ -29,8 +29,7 @@ export interface RunSpec {
   hostname: string;
   /** Path of the machine's network namespace (e.g. /var/run/netns/tm-<id>), made by the orchestrator. */
   netnsPath: string;
-  /** Lines for the machine's /etc/resolv.conf and /etc/hosts. */
-  resolvConf: string;
+  /** Lines for the machine's /etc/hosts (the driver writes /etc/resolv.conf itself: the host's DNS server). */
   hosts: string;
   limits: { cpus: number; memoryMb: number; pids: number };
   /** File the driver appends timestamped stdout/stderr lines to; must outlive the host process. */
@@ -70,4 +69,9 @@ export interface Driver {
   recover(id: string, stateDir: string): Promise<RunningMachine | { exited: ExitStatus } | undefined>;
   /** Removes every trace of the instance: runtime state, mounts, cgroups, its rootfs. Idempotent. */
   remove(id: string, stateDir: string): Promise<void>;
+  /**
+   * Stops watching the machines it runs (the host is shutting down; the machines keep running, and `recover` after
+   * the next start reattaches). Their `exited` promises stay pending.
+   */
+  release(): void;
 }

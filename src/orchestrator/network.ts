@@ -2,6 +2,7 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { access, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { privateDnsAddress } from '../catalog/index.ts';
 import { TarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 
@@ -48,6 +49,8 @@ function ipBatch(args: string[], lines: string[], force = false): Promise<string
 
 /** The nftables table (inet: IPv4 and IPv6) that confines machines; one per host, shared by every machine. */
 export const FIREWALL_TABLE = 'tarmac';
+/** The set in FIREWALL_TABLE of (source, destination) prefix pairs machines may exchange traffic between (the mesh fills it). */
+export const NETWORKS_SET = 'networks';
 
 /**
  * The host firewall as one `nft -f` script that replaces the table atomically (so it is idempotent). It matches only
@@ -55,10 +58,13 @@ export const FIREWALL_TABLE = 'tarmac';
  * - prerouting: machines speak IPv6 only, so IPv4 from them is dropped; a source address the host would not route
  *   back through the interface it came in on (reverse-path check) is spoofed and dropped before conntrack sees it;
  * - input: a machine reaches the host itself only with replies to connections the host opened (the proxy's), and
- *   neighbour discovery; anything else it sends to any host address (fe80::1, global addresses, any port) is refused
+ *   neighbour discovery, and DNS queries to the host's resolver address (fdaa::3, UDP and TCP port 53); anything else
+ *   it sends to any host address (fe80::1, global addresses, any other port) is refused
  *   (TCP with a reset, the rest with an ICMP error, so the machine's connect fails at once instead of timing out);
- * - forward: machines never reach each other through the host (private networking between machines of one
- *   organization is a later, explicit rule), even on a host that forwards IPv6.
+ * - forward: a machine reaches, through the host, only addresses of its own organization's network on another machine
+ *   interface or the WireGuard mesh (`tmw*`), as the set `networks` (pairs `fdaa:N::/48 . fdaa:N::/48`, filled by the
+ *   mesh; empty without it) allows; nothing reaches a machine through the host except from such a pair on the same
+ *   interfaces. Anything else a machine sends through the host (the underlay, other networks) is refused.
  */
 export function firewallRuleset(): string {
   const machines = 'iifname "tmv*"';
@@ -74,16 +80,24 @@ export function firewallRuleset(): string {
     '  chain input {',
     '    type filter hook input priority filter; policy accept;',
     `    ${machines} ct state established,related accept`,
+    `    ${machines} ip6 daddr ${privateDnsAddress} meta l4proto { udp, tcp } th dport 53 accept`,
     `    ${machines} icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept`,
     `    ${machines} meta l4proto ipv6-icmp drop`,
     // A reset fails a connect at once (an ICMP error only after a SYN retransmit, about a second).
     `    ${machines} meta l4proto tcp reject with tcp reset`,
     `    ${machines} reject with icmpx admin-prohibited`,
     '  }',
+    `  set ${NETWORKS_SET} { type ipv6_addr . ipv6_addr; flags interval; }`,
     '  chain forward {',
     '    type filter hook forward priority filter; policy accept;',
-    `    ${machines} oifname "tmv*" meta l4proto tcp reject with tcp reset`,
-    `    ${machines} oifname "tmv*" reject with icmpx admin-prohibited`,
+    // (nft 1.0.6 cannot put wildcard names in an anonymous set: one rule per interface kind.)
+    `    ${machines} oifname "tmv*" ip6 saddr . ip6 daddr @${NETWORKS_SET} accept`,
+    `    ${machines} oifname "tmw*" ip6 saddr . ip6 daddr @${NETWORKS_SET} accept`,
+    `    iifname "tmw*" oifname "tmv*" ip6 saddr . ip6 daddr @${NETWORKS_SET} accept`,
+    `    ${machines} meta l4proto tcp reject with tcp reset`,
+    `    ${machines} reject with icmpx admin-prohibited`,
+    '    oifname "tmv*" meta l4proto tcp reject with tcp reset',
+    '    oifname "tmv*" reject with icmpx admin-prohibited',
     '  }',
     '}',
     '',
@@ -113,11 +127,15 @@ export function nftApply(script: string, opts: { netns?: string } = {}): Promise
 let firewall: Promise<void> | undefined;
 
 /**
- * Installs the host firewall (firewallRuleset) once per process: the first machine network set up in this process
- * waits for it, later ones find it done. The table outlives the process, like the machines it confines.
+ * Installs the host firewall (firewallRuleset) and the machines' resolver address (fdaa::3/128 on lo, where the DNS
+ * server listens) once per process: the first machine network set up in this process waits for them, later ones find
+ * them done. Both outlive the process, like the machines they serve.
  */
 export function ensureHostFirewall(): Promise<void> {
-  firewall ??= nftApply(firewallRuleset()).catch((e: unknown) => {
+  firewall ??= Promise.all([
+    nftApply(firewallRuleset()),
+    ipBatch([], [`addr replace ${privateDnsAddress}/128 dev lo nodad`]),
+  ]).then(() => {}).catch((e: unknown) => {
     firewall = undefined;
     if (e instanceof TarmacError) throw e;
     throw new TarmacError('internal', `could not install the host firewall (nftables table inet ${FIREWALL_TABLE}): ${(e as Error).message}`, { cause: e });

@@ -10,6 +10,7 @@ import type { Driver, ExitStatus, RunningMachine, RunSpec } from './driver.ts';
 import type { ImageStore, PulledImage } from './images/index.ts';
 import { LocalState, type InstanceRow, type Step } from './local-state.ts';
 import { setupMachineNetwork, teardownMachineNetwork, listMachineNetworks, netnsName } from './network.ts';
+import { MachineChecks, sameCheckStatuses } from './checks.ts';
 
 /** What the orchestrator needs from the image store. */
 export type ImagePuller = Pick<ImageStore, 'pull'>;
@@ -46,6 +47,8 @@ export class Orchestrator {
   readonly #timers = new Map<string, NodeJS.Timeout>();
   /** Instances in a graceful stop: a destroy that arrives meanwhile kills them at once instead of waiting out the grace. */
   readonly #stopping = new Map<string, RunningMachine>();
+  /** Health checks of running instances that have any; their results go into the machine's status. */
+  readonly #checks = new Map<string, MachineChecks>();
   readonly #log: Logger;
   #unsubscribe: (() => void) | undefined;
   #closed = false;
@@ -78,7 +81,10 @@ export class Orchestrator {
     this.#unsubscribe?.();
     for (const t of this.#timers.values()) clearTimeout(t);
     this.#timers.clear();
+    for (const c of this.#checks.values()) c.stop();
+    this.#checks.clear();
     await Promise.allSettled([...this.#queues.values()]);
+    for (const d of Object.values(this.#o.drivers)) d.release(); // machines keep running; stop watching them
     this.#local.close();
   }
 
@@ -349,7 +355,7 @@ export class Orchestrator {
     return {
       id: spec.id, instanceId: spec.instance_id, imageRootfs: image.rootfs, stateDir, args, env,
       cwd: image.config.WorkingDir || '/', user: image.config.User ?? '', hostname: spec.id, netnsPath,
-      resolvConf: hostResolvConf, hosts: `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n${spec.private_ip}\t${spec.id} ${spec.id}.vm.${spec.app}.internal\n`,
+      hosts: `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n${spec.private_ip}\t${spec.id} ${spec.id}.vm.${spec.app}.internal\n`,
       limits: { cpus: guest.cpus ?? 1, memoryMb: guest.memory_mb ?? 256, pids: 4096 },
       logPath: this.logPath(spec.id),
     };
@@ -358,8 +364,10 @@ export class Orchestrator {
   /** Watches an instance's exit; a crash is handled on the machine's queue. */
   #attach(id: string, instanceId: string, machine: RunningMachine): void {
     this.#running.set(id, { instanceId, machine });
+    this.#startChecks(id, instanceId);
     void machine.exited.then((exit) => {
       if (this.#running.get(id)?.machine === machine) this.#running.delete(id);
+      this.#stopChecks(id, instanceId);
       if (this.#closed) return;
       void this.#enqueue(id, () => this.#onExit(id, instanceId, exit));
     });
@@ -406,6 +414,7 @@ export class Orchestrator {
   /** Stops a running instance as asked (stop_config or the /stop request), then removes its runtime state. */
   async #stopInstance(row: InstanceRow, spec: MachineSpec, state: 'stopping' | 'replacing'): Promise<InstanceRow> {
     const running = this.#running.get(row.machine_id);
+    this.#stopChecks(row.machine_id);
     const signal = spec.stop?.signal ?? spec.config.stop_config?.signal ?? 'SIGINT';
     const timeoutMs = spec.stop?.timeout_ms ?? (spec.config.stop_config?.timeout !== undefined ? durationMs(spec.config.stop_config.timeout) : this.#o.defaultStopTimeoutMs ?? 5000);
     // A stop the host was interrupted in keeps its deadline: the grace is not granted twice.
@@ -439,6 +448,7 @@ export class Orchestrator {
   /** Removes an instance (stopping it first with SIGKILL semantics when it runs); `destroy` also drops its network. */
   async #removeInstance(row: InstanceRow, spec: MachineSpec | undefined, destroy: boolean): Promise<void> {
     const running = this.#running.get(row.machine_id);
+    this.#stopChecks(row.machine_id);
     row = this.#local.record({ ...row, step: 'removing', stop_requested: 1 });
     if (running) {
       if (spec && destroy) await this.#setStatus(spec, 'destroying', [this.#event(spec.id, 'destroy', 'destroying', 'user')]);
@@ -518,6 +528,37 @@ export class Orchestrator {
     }
   }
 
+  // ---- health checks (results are observed state, written only when one changes) ----
+
+  /** Starts the checks of an instance that just started (or was reattached), if its config has any. */
+  #startChecks(id: string, instanceId: string): void {
+    this.#stopChecks(id);
+    const spec = this.#o.catalog.getMachine(id)?.spec;
+    if (!spec || spec.instance_id !== instanceId) return; // replaced meanwhile: the reconcile that follows handles it
+    const checks = new MachineChecks(spec, () => this.#checksChanged(id, checks));
+    if (checks.empty) return;
+    this.#checks.set(id, checks);
+  }
+
+  #stopChecks(id: string, instanceId?: string): void {
+    const checks = this.#checks.get(id);
+    if (!checks || (instanceId !== undefined && checks.instanceId !== instanceId)) return;
+    checks.stop();
+    this.#checks.delete(id);
+  }
+
+  /** A check changed status: write the results on the machine's queue, after whatever it is doing, if still current. */
+  #checksChanged(id: string, checks: MachineChecks): void {
+    void this.#enqueue(id, async () => {
+      if (this.#closed || this.#checks.get(id) !== checks) return;
+      const m = this.#o.catalog.getMachine(id);
+      // Only a started instance's status carries checks; the next state write includes the latest results anyway.
+      if (!m?.status || m.status.state !== 'started' || m.status.instance_id !== checks.instanceId || m.spec.instance_id !== checks.instanceId) return;
+      if (sameCheckStatuses(m.status.checks, checks.results())) return;
+      await this.#setStatus(m.spec, 'started');
+    });
+  }
+
   // ---- catalog writes (observed state only) ----
 
   async #setStatus(spec: MachineSpec, state: MachineStatus['state'], events: MachineEvent[] = [], extra: Partial<MachineStatus> = {}): Promise<void> {
@@ -530,6 +571,8 @@ export class Orchestrator {
       ...(prev?.last_exit ? { last_exit: prev.last_exit } : {}),
       ...extra,
     };
+    const checks = this.#checks.get(spec.id);
+    if (state === 'started' && checks?.instanceId === spec.instance_id) status.checks = checks.results();
     // Observed state must reach the catalog eventually: retry a failed write a few times, then have the reconcile
     // (which compares the instance with the catalog status) try again later. The local state stays the truth.
     for (let attempt = 1; ; attempt++) {
@@ -551,11 +594,6 @@ export class Orchestrator {
     return { id: newUlid(), machine_id: machineId, type, status, source, timestamp: Date.now(), ...(request ? { request } : {}) };
   }
 }
-
-const hostResolvConf = await readFile('/etc/resolv.conf', 'utf8').then(
-  (s) => s.split('\n').filter((l) => /^(nameserver|search|options)\s/.test(l)).join('\n') + '\n',
-  () => '',
-);
 
 function delay(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms).unref());

@@ -6,7 +6,7 @@ import { createServer, get, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { type Catalog } from '../catalog/index.ts';
 import { silentLogger } from '../shared/log.ts';
-import { startProxyCluster, type RunningProxy } from './index.ts';
+import { metricsHandler, startProxyCluster, type RunningProxy } from './index.ts';
 import { tempCatalog } from './testing.ts';
 
 const now = () => new Date().toISOString();
@@ -86,4 +86,33 @@ test('two workers share the port, each routes from its own table, and both follo
 
   await proxy.close();
   assert.equal(Object.keys(cluster.workers ?? {}).length, 0, 'every worker exited');
+});
+
+test('the primary serves every worker\'s metrics merged: requests summed, routing table the furthest behind', async (t) => {
+  const c = await tempCatalog(t);
+  await appWithMachine(c, 'web', '000000000000c1', await backend(t, 'c'));
+  const proxy = await startProxyCluster({
+    catalog: c, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), workers: 2, logLevel: 'silent',
+  });
+  t.after(() => proxy.close());
+  const workers = await fromWorkers(proxy, 'web.localhost', 'c', 2);
+  assert.equal(workers.size, 2, 'both workers served requests');
+  // Ten more, spread over the workers by the primary's round robin.
+  for (let i = 0; i < 10; i++) assert.equal((await fresh(proxy, 'web.localhost')).status, 200);
+
+  const metrics = createServer((req, res) => metricsHandler(req, res, true));
+  await new Promise<void>((resolve) => metrics.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => metrics.close(() => resolve())));
+  const text = await new Promise<string>((resolve, reject) => {
+    get({ host: '127.0.0.1', port: (metrics.address() as AddressInfo).port, path: '/metrics' }, (res) => {
+      let body = '';
+      res.setEncoding('utf8').on('data', (d: string) => { body += d; }).on('end', () => resolve(body));
+    }).on('error', reject);
+  });
+  const served = /^tarmac_proxy_requests_total\{app="web",status_class="2xx",error=""\} (\d+)$/m.exec(text);
+  assert.ok(served, text);
+  // fromWorkers made at least two 200s before the ten; every one of them, from either worker, is counted once.
+  assert.ok(Number(served[1]) >= 12, `requests summed over the workers: ${served[1]}`);
+  const revision = /^tarmac_proxy_routing_table_revision (\d+)$/m.exec(text);
+  assert.equal(Number(revision?.[1]), c.revision(), 'both workers route by the catalog\'s current revision');
 });

@@ -1,7 +1,7 @@
 // The proxy on several cores: N node:cluster workers share the listening port, each holds its own routing table fed by the primary.
 import cluster, { type Worker } from 'node:cluster';
 import { fileURLToPath } from 'node:url';
-import type { App, ChangeBatch, Host, Machine } from '../catalog/index.ts';
+import type { App, Certificate, ChangeBatch, Host, Machine } from '../catalog/index.ts';
 import { TarmacError } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import type { ProxyLimits, ProxyOptions, ProxyTimeouts, RunningProxy } from './proxy.ts';
@@ -21,6 +21,10 @@ export interface WorkerProxyOptions {
   http: { host: string; port: number };
   appsDomain?: string;
   region?: string;
+  hostId?: string;
+  backhaul?: { host: string; port: number };
+  https?: { host: string; port: number };
+  certificatesDir?: string;
   timeouts?: ProxyTimeouts;
   limits?: ProxyLimits;
   logLevel: string;
@@ -28,14 +32,14 @@ export interface WorkerProxyOptions {
 
 /** Primary → worker. `init` carries a consistent catalog load; every batch after it follows on the same ordered channel. */
 export type ToWorker =
-  | { t: 'init'; options: WorkerProxyOptions; revision: number; apps: App[]; machines: Machine[]; hosts: Host[] }
+  | { t: 'init'; options: WorkerProxyOptions; revision: number; apps: App[]; machines: Machine[]; hosts: Host[]; certificates: Certificate[] }
   | { t: 'batch'; batch: ChangeBatch }
   | { t: 'close' };
 
 /** Worker → primary. */
 export type FromWorker =
   | { t: 'ready' }
-  | { t: 'listening'; host: string; port: number }
+  | { t: 'listening'; host: string; port: number; backhaul?: { host: string; port: number }; https?: { host: string; port: number } }
   | { t: 'failed'; message: string };
 
 const workerFile = fileURLToPath(new URL('./cluster-worker.ts', import.meta.url));
@@ -50,6 +54,8 @@ class ProxyCluster implements RunningProxy {
   readonly #workers = new Set<Worker>();
   readonly #unsubscribe: () => void;
   #address: { host: string; port: number };
+  #backhaulAddress: { host: string; port: number } | undefined;
+  #httpsAddress: { host: string; port: number } | undefined;
   #closing = false;
   #closed: Promise<void> | null = null;
 
@@ -58,7 +64,7 @@ class ProxyCluster implements RunningProxy {
     this.#log = opts.log.child({ component: 'proxy' });
     this.#address = { ...opts.http };
     // The primary's own table serves `routes`; loading and subscribing happen in one synchronous step.
-    this.#index = new RouteIndex(opts.catalog);
+    this.#index = new RouteIndex(opts.catalog, opts.hostId);
     this.#unsubscribe = opts.catalog.subscribe((batch) => {
       if (this.#index.apply(batch.revision, batch.changes)) this.#index.rebuild();
       const msg: ToWorker = { t: 'batch', batch };
@@ -68,6 +74,14 @@ class ProxyCluster implements RunningProxy {
 
   get address(): { host: string; port: number } {
     return this.#address;
+  }
+
+  get backhaulAddress(): { host: string; port: number } | undefined {
+    return this.#backhaulAddress;
+  }
+
+  get httpsAddress(): { host: string; port: number } | undefined {
+    return this.#httpsAddress;
   }
 
   get routes(): RoutingTable {
@@ -110,10 +124,14 @@ class ProxyCluster implements RunningProxy {
         const options: WorkerProxyOptions = { http, logLevel: this.#opts.logLevel ?? 'info' };
         if (this.#opts.appsDomain !== undefined) options.appsDomain = this.#opts.appsDomain;
         if (this.#opts.region !== undefined) options.region = this.#opts.region;
+        if (this.#opts.hostId !== undefined) options.hostId = this.#opts.hostId;
+        if (this.#opts.backhaul !== undefined) options.backhaul = this.#opts.backhaul;
+        if (this.#opts.https !== undefined) options.https = this.#opts.https;
+        if (this.#opts.certificatesDir !== undefined) options.certificatesDir = this.#opts.certificatesDir;
         if (this.#opts.timeouts !== undefined) options.timeouts = this.#opts.timeouts;
         if (this.#opts.limits !== undefined) options.limits = this.#opts.limits;
         // One synchronous read: consistent with the batches that follow it on this channel.
-        const init: ToWorker = { t: 'init', options, revision: c.revision(), apps: c.listApps(), machines: c.listMachines(), hosts: c.listHosts() };
+        const init: ToWorker = { t: 'init', options, revision: c.revision(), apps: c.listApps(), machines: c.listMachines(), hosts: c.listHosts(), certificates: c.listCertificates() };
         w.send(init);
         this.#fed.add(w);
       };
@@ -122,6 +140,8 @@ class ProxyCluster implements RunningProxy {
           sendInit();
         } else if (m.t === 'listening') {
           listening = true;
+          if (m.backhaul !== undefined) this.#backhaulAddress = m.backhaul;
+          if (m.https !== undefined) this.#httpsAddress = m.https;
           resolve({ host: m.host, port: m.port });
         } else if (m.t === 'failed') {
           reject(new TarmacError('unavailable', `the proxy cannot listen on ${http.host}:${http.port}: ${m.message}; free the port or configure another`));

@@ -1,5 +1,6 @@
 // The proxy's own error answers: every code it can put in `tarmac-proxy-error`, with its status, in one table.
 import { STATUS_CODES, type ServerResponse } from 'node:http';
+import type { Http2ServerResponse } from 'node:http2';
 import type { Socket } from 'node:net';
 
 /** Diagnostic codes sent in the `tarmac-proxy-error` response header. */
@@ -31,7 +32,15 @@ export type ProxyErrorCode = keyof typeof proxyErrorStatus;
 export const proxyErrorHeader = 'tarmac-proxy-error';
 
 /** Answers a request with a short plain-text error; destroys the connection if the response had already started. */
-export function sendProxyError(res: ServerResponse, code: ProxyErrorCode, message: string, requestId?: string): void {
+/** A response the proxy writes: node:http's, or node:http2's compatibility one (HTTP/2 clients of the TLS listener). */
+export type AnyResponse = ServerResponse | Http2ServerResponse;
+
+/** writeHead with a flat [name, value, …] array: both response kinds take one (node:http2's types admit only objects). */
+export function writeHeadRaw(res: AnyResponse, status: number, headers: string[]): void {
+  (res as ServerResponse).writeHead(status, headers);
+}
+
+export function sendProxyError(res: AnyResponse, code: ProxyErrorCode, message: string, requestId?: string): void {
   if (res.headersSent || res.destroyed) {
     res.destroy();
     return;
@@ -44,7 +53,7 @@ export function sendProxyError(res: ServerResponse, code: ProxyErrorCode, messag
     proxyErrorHeader, code,
   ];
   if (requestId !== undefined) headers.push('fly-request-id', requestId);
-  res.writeHead(proxyErrorStatus[code], headers);
+  writeHeadRaw(res, proxyErrorStatus[code], headers);
   res.end(body);
 }
 

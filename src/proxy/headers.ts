@@ -6,7 +6,10 @@ export const hopByHop: ReadonlySet<string> = new Set([
 ]);
 
 /** What the request loop does with a header, by lowercase name; names not listed pass through untouched. */
-const Act = { Hop: 1, Connection: 2, TransferEncoding: 3, Host: 4, ContentLength: 5, ForwardedFor: 6, Drop: 7 } as const;
+const Act = {
+  Hop: 1, Connection: 2, TransferEncoding: 3, Host: 4, ContentLength: 5, ForwardedFor: 6, Drop: 7, ForceInstance: 8, PreferRegion: 9,
+  RequestId: 10,
+} as const;
 type Act = (typeof Act)[keyof typeof Act];
 
 const requestActs = new Map<string, Act>([
@@ -29,7 +32,17 @@ const requestActs = new Map<string, Act>([
   ['fly-request-id', Act.Drop],
   // node:http answers `Expect: 100-continue` itself; undici refuses to forward it.
   ['expect', Act.Drop],
+  // Routing requests to the proxy (Fly's); read, not forwarded.
+  ['fly-force-instance-id', Act.ForceInstance],
+  ['fly-prefer-region', Act.PreferRegion],
 ]);
+
+/**
+ * The same for requests arriving over the backhaul from another host's proxy, which set the forwarding headers
+ * already: those pass through, its request id is kept, and Fly-Force-Instance-Id names the machine it picked.
+ */
+const backhaulActs = new Map<string, Act>([...requestActs].filter(([name, act]) => act !== Act.Drop || name === 'expect'));
+backhaulActs.set('fly-request-id', Act.RequestId);
 
 /** Headers never removed because a client listed them in Connection: they frame or route the request. */
 const connectionProtected: ReadonlySet<string> = new Set(['host', 'content-length']);
@@ -43,12 +56,25 @@ export interface RequestHead {
   /** A reason the request is unacceptable (e.g. two Host headers), or undefined. */
   invalid: string | undefined;
   forwardedFor: string | undefined;
+  /** Fly-Force-Instance-Id: the only machine that may serve the request. */
+  forceInstance: string | undefined;
+  /** Fly-Prefer-Region: serve from this region when it has a machine below its limits. */
+  preferRegion: string | undefined;
+  /** Fly-Request-Id set by the proxy that sent a backhaul request. */
+  requestId: string | undefined;
 }
 
-/** Splits `rawHeaders` into what to forward and what the proxy acts on. One pass, one output array. */
-export function readRequestHead(raw: readonly string[]): RequestHead {
+/**
+ * Splits `rawHeaders` into what to forward and what the proxy acts on. One pass, one output array. `backhaul` reads a
+ * request another host's proxy forwarded (its forwarding headers are trusted and kept).
+ */
+export function readRequestHead(raw: readonly string[], backhaul = false): RequestHead {
+  const acts = backhaul ? backhaulActs : requestActs;
   const headers: string[] = [];
   let host: string | undefined;
+  let forceInstance: string | undefined;
+  let preferRegion: string | undefined;
+  let requestId: string | undefined;
   let hasBody = false;
   let invalid: string | undefined;
   let forwardedFor: string | undefined;
@@ -56,7 +82,7 @@ export function readRequestHead(raw: readonly string[]): RequestHead {
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!;
     const value = raw[i + 1]!;
-    const act = requestActs.get(name.toLowerCase());
+    const act = acts.get(name.toLowerCase());
     if (act === undefined) {
       headers.push(name, value);
       continue;
@@ -78,13 +104,28 @@ export function readRequestHead(raw: readonly string[]): RequestHead {
         if (!plainConnection(value)) connection = connection === undefined ? value : `${connection},${value}`;
         break;
       case Act.ForwardedFor:
-        forwardedFor = forwardedFor === undefined ? value : `${forwardedFor}, ${value}`;
+        if (backhaul) headers.push(name, value);
+        else forwardedFor = forwardedFor === undefined ? value : `${forwardedFor}, ${value}`;
+        break;
+      case Act.ForceInstance:
+        if (forceInstance !== undefined && forceInstance !== value) invalid = 'more than one Fly-Force-Instance-Id header';
+        forceInstance = value.trim();
+        break;
+      case Act.PreferRegion:
+        preferRegion = value.trim().toLowerCase();
+        break;
+      case Act.RequestId:
+        requestId = value;
+        headers.push(name, value);
         break;
       default:
         break;
     }
   }
-  return { headers: connection === undefined ? headers : stripConnectionListed(headers, connection, connectionProtected), host, hasBody, invalid, forwardedFor };
+  return {
+    headers: connection === undefined ? headers : stripConnectionListed(headers, connection, connectionProtected),
+    host, hasBody, invalid, forwardedFor, forceInstance, preferRegion, requestId,
+  };
 }
 
 /** Values the proxy adds to every forwarded request that do not change per request. */
@@ -92,6 +133,8 @@ export interface ForwardingConstants {
   /** The port clients connected to, as a string. */
   port: string;
   region: string;
+  /** The scheme clients used: 'http', or 'https' on the TLS listener. */
+  proto: 'http' | 'https';
 }
 
 /** Appends the proxy's forwarding headers. */
@@ -99,7 +142,7 @@ export function addForwarding(headers: string[], clientIp: string, forwardedFor:
   headers.push(
     'fly-client-ip', clientIp,
     'x-forwarded-for', forwardedFor === undefined ? clientIp : `${forwardedFor}, ${clientIp}`,
-    'x-forwarded-proto', 'http',
+    'x-forwarded-proto', k.proto,
     'x-forwarded-port', k.port,
     'fly-forwarded-port', k.port,
     'fly-region', k.region,
@@ -117,6 +160,7 @@ export function responseHeaders(raw: readonly Buffer[], requestId: string): stri
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!.toString('latin1');
     const lower = name.toLowerCase();
+    if (lower === 'fly-request-id') continue; // the proxy's own id is added below (a backhaul hop sends the same one)
     if (hopByHop.has(lower)) {
       if (lower === 'connection') {
         const value = raw[i + 1]!.toString('latin1');

@@ -2,9 +2,13 @@
 export { startProxy, proxyRequestChannel, proxyQueueChannel } from './proxy.ts';
 export type { ProxyOptions, ProxyTimeouts, ProxyLimits, RunningProxy, ProxyRequestEvent, ProxyQueueEvent } from './proxy.ts';
 export { startProxyCluster } from './cluster.ts';
+export { startStoppedMachine, type AutostartOptions } from './autostart.ts';
+export { startAutostop, stopIdleMachine, type AutostopOptions, type RunningAutostop } from './autostop.ts';
 export type { ProxyClusterOptions } from './cluster.ts';
 export type { AppRoute, Backend, RouteSource, RoutingTable } from './routing.ts';
 export { defaultConcurrency } from './routing.ts';
 export { proxyErrorStatus, proxyErrorHeader } from './errors.ts';
 export type { ProxyErrorCode } from './errors.ts';
 export { proxyMetrics, metricsHandler, trackProxyMetrics } from './metrics.ts';
+export { proxyTlsChannel, type ProxyTlsEvent } from './tls.ts';
+export { proxyConnectionChannel, type ProxyConnectionEvent } from './listeners.ts';

@@ -1,8 +1,10 @@
 // Prometheus metrics of the proxy (prom-client): request counts, latency and bytes per app from the request channel; load and table state read at scrape time.
 import { subscribe } from 'node:diagnostics_channel';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { AggregatorRegistry, Counter, Gauge, Histogram, Registry, type PrometheusContentType } from 'prom-client';
 import { proxyQueueChannel, proxyRequestChannel, type ProxyQueueEvent, type ProxyRequestEvent, type RunningProxy } from './proxy.ts';
+import { proxyTlsChannel, type ProxyTlsEvent } from './tls.ts';
+import { proxyConnectionChannel, type ProxyConnectionEvent } from './listeners.ts';
 
 /** The proxy's registry; the host may merge it with its own (`Registry.merge`) or serve it with `metricsHandler`. */
 export const proxyMetrics = new Registry();
@@ -36,7 +38,7 @@ const responseBytes = new Counter({
 
 new Gauge({
   name: 'tarmac_proxy_inflight',
-  help: 'Requests and WebSocket tunnels in flight per machine (what the concurrency limits count).',
+  help: 'Requests, WebSocket tunnels, and connections and UDP flows on app addresses in flight per machine (what the concurrency limits count).',
   labelNames: ['app', 'machine'] as const,
   registers: [proxyMetrics],
   collect() {
@@ -44,6 +46,9 @@ new Gauge({
     for (const p of tracked) {
       for (const route of p.routes.apps.values()) {
         for (const b of route.backends) this.inc({ app: b.app, machine: b.machineId }, b.inflight);
+      }
+      for (const entry of p.routes.ports.values()) {
+        for (const b of entry.backends) this.inc({ app: b.app, machine: b.machineId }, b.inflight);
       }
     }
   },
@@ -64,6 +69,7 @@ new Gauge({
   name: 'tarmac_proxy_routing_table_version',
   help: 'Version of the routing table in use (increments on every swap).',
   registers: [proxyMetrics],
+  aggregator: 'max',
   collect() {
     for (const p of tracked) this.set(p.routes.version);
   },
@@ -71,8 +77,9 @@ new Gauge({
 
 new Gauge({
   name: 'tarmac_proxy_routing_table_updated_seconds',
-  help: 'Unix time when the routing table in use was built.',
+  help: 'Unix time when the routing table in use was built (in a cluster: the oldest of its workers\'.',
   registers: [proxyMetrics],
+  aggregator: 'min',
   collect() {
     for (const p of tracked) this.set(p.routes.builtAt / 1000);
   },
@@ -80,8 +87,9 @@ new Gauge({
 
 new Gauge({
   name: 'tarmac_proxy_routing_table_revision',
-  help: 'Catalog revision the routing table in use reflects.',
+  help: 'Catalog revision the routing table in use reflects (in a cluster: the furthest behind of its workers\').',
   registers: [proxyMetrics],
+  aggregator: 'min',
   collect() {
     for (const p of tracked) this.set(p.routes.revision);
   },
@@ -103,6 +111,48 @@ function onQueue(m: unknown): void {
   else queued.set(e.app, e.queued);
 }
 
+const handshakeTime = new Histogram({
+  name: 'tarmac_proxy_tls_handshake_seconds',
+  help: 'Time from accepting a TLS connection to its handshake completing, by protocol version.',
+  labelNames: ['version'] as const,
+  buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
+  registers: [proxyMetrics],
+});
+
+const handshakeFailures = new Counter({
+  name: 'tarmac_proxy_tls_handshake_failures_total',
+  help: 'TLS handshakes that failed, by reason (protocol_version, not_tls, timeout, reset, no_shared_cipher, other).',
+  labelNames: ['reason'] as const,
+  registers: [proxyMetrics],
+});
+
+function onTls(m: unknown): void {
+  const e = m as ProxyTlsEvent;
+  if (e.failure !== undefined) handshakeFailures.inc({ reason: e.failure });
+  else if (e.durationMs !== undefined) handshakeTime.observe({ version: e.version ?? '' }, e.durationMs / 1000);
+}
+
+const connections = new Counter({
+  name: 'tarmac_proxy_connections_total',
+  help: 'TCP connections and UDP flows on apps\' own addresses, by app, protocol and proxy error (no_machine, over_capacity, backend_unreachable; empty when relayed).',
+  labelNames: ['app', 'protocol', 'error'] as const,
+  registers: [proxyMetrics],
+});
+
+const connectionBytes = new Counter({
+  name: 'tarmac_proxy_connection_bytes_total',
+  help: 'Bytes relayed on apps\' own addresses, by app, protocol and direction (in: client to machine, out: machine to client).',
+  labelNames: ['app', 'protocol', 'direction'] as const,
+  registers: [proxyMetrics],
+});
+
+function onConnection(m: unknown): void {
+  const e = m as ProxyConnectionEvent;
+  connections.inc({ app: e.app, protocol: e.protocol, error: e.error ?? '' });
+  if (e.bytesIn > 0) connectionBytes.inc({ app: e.app, protocol: e.protocol, direction: 'in' }, e.bytesIn);
+  if (e.bytesOut > 0) connectionBytes.inc({ app: e.app, protocol: e.protocol, direction: 'out' }, e.bytesOut);
+}
+
 let subscribed = false;
 
 /**
@@ -115,14 +165,32 @@ export function trackProxyMetrics(proxy: RunningProxy): () => void {
     subscribed = true;
     subscribe(proxyRequestChannel, onRequest);
     subscribe(proxyQueueChannel, onQueue);
+    subscribe(proxyTlsChannel, onTls);
+    subscribe(proxyConnectionChannel, onConnection);
   }
   tracked.add(proxy);
   return () => tracked.delete(proxy);
 }
 
-/** Serves `proxyMetrics` in the Prometheus text format; mount it at GET /metrics. */
-export function metricsHandler(_req: IncomingMessage, res: ServerResponse): void {
-  proxyMetrics.metrics().then((body) => {
+/**
+ * In a proxy cluster worker: answers the primary's scrapes with this process's proxy metrics (see
+ * `metricsHandler`'s `cluster`).
+ */
+export function shareProxyMetricsWithPrimary(): void {
+  new AggregatorRegistry(); // installs the worker's answer to the primary's requests
+  AggregatorRegistry.setRegistries([proxyMetrics]);
+}
+
+let aggregator: AggregatorRegistry<PrometheusContentType> | undefined;
+
+/**
+ * Serves the proxy metrics in the Prometheus text format; mount it at GET /metrics. With `cluster`, in the primary
+ * of a proxy cluster: every worker's, merged (counters and histograms summed, in-flight and queue gauges summed,
+ * routing table version the newest, revision and build time the furthest behind).
+ */
+export function metricsHandler(_req: IncomingMessage, res: ServerResponse, cluster = false): void {
+  const body = cluster ? (aggregator ??= new AggregatorRegistry()).clusterMetrics() : proxyMetrics.metrics();
+  body.then((body) => {
     res.writeHead(200, { 'content-type': proxyMetrics.contentType, 'cache-control': 'no-store' });
     res.end(body);
   }, (err: unknown) => {

@@ -1,16 +1,28 @@
-// The HTTP/1.1 proxy: node:http in, one undici Pool per machine out, routed by Host from the in-memory table.
+// The HTTP proxy: node:http in (and HTTP/2 on the TLS listener), one undici Pool per machine out (h2c where asked), routed by Host from the in-memory table.
 import { channel } from 'node:diagnostics_channel';
 import { randomBytes } from 'node:crypto';
 import { createServer, request as httpRequest, IncomingMessage, ServerResponse, type ClientRequest, type Server } from 'node:http';
+import { Http2ServerResponse, type Http2ServerRequest } from 'node:http2';
+import type { Writable } from 'node:stream';
+import type { Server as TlsServer, TLSSocket } from 'node:tls';
 import type { AddressInfo, Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Pool, type Dispatcher } from 'undici';
 import type { ChangeBatch } from '../catalog/index.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
-import { type ProxyErrorCode, sendClientError, sendProxyError } from './errors.ts';
+import { type ProxyErrorCode, sendClientError, sendProxyError, writeHeadRaw } from './errors.ts';
 import { addForwarding, clientAddress, type ForwardingConstants, hopByHop, readRequestHead, type RequestHead, responseHeaders } from './headers.ts';
+import { Autostarter, type AutostartOptions } from './autostart.ts';
 import { type AppRoute, type Backend, RouteIndex, type RouteSource, type RoutingTable } from './routing.ts';
+import { CertificateIndex } from './certificates.ts';
+import { acmeHttpPrefix } from './acme-challenges.ts';
+import { H2Exchange, H2Sessions } from './h2-backend.ts';
+import { h2RequestHead } from './h2-request.ts';
+import { BackhaulListener } from './backhaul.ts';
+import { closeSoon } from './tcp.ts';
+import { TlsListener } from './tls.ts';
+import { PortListeners } from './listeners.ts';
 
 /** Timeouts in milliseconds; every one has a default. */
 export interface ProxyTimeouts {
@@ -30,6 +42,8 @@ export interface ProxyTimeouts {
   drainMs?: number;
   /** How long a request waits for a machine below its hard concurrency limit before a 503. Default 10 s. */
   queueMs?: number;
+  /** Idle time after which a UDP flow on an app address (a client's datagrams to one machine) is ended. Default 30 s. */
+  udpIdleMs?: number;
 }
 
 /** Limits on what a client may send and how much may wait; every one has a default. */
@@ -49,14 +63,45 @@ export interface ProxyOptions {
   log: Logger;
   /** Aborting it closes the proxy (as close() does). */
   signal?: AbortSignal;
-  /** Region of this host, sent as Fly-Region. Default 'local'. */
+  /** Region of this host, sent as Fly-Region; among equally loaded machines, those of this region are picked first. Default 'local'. */
   region?: string;
+  /**
+   * This host's id. With it, machines on other hosts that take backhaul are reached through their host's proxy
+   * (which delivers to the machine the request names); without it every machine is connected to directly.
+   */
+  hostId?: string;
+  /**
+   * Where to take backhaul: requests other hosts' proxies forward to this host's machines. Their forwarding headers
+   * are trusted, so bind it to an address only hosts reach (the private network), never to a public one.
+   */
+  backhaul?: { host: string; port: number };
   timeouts?: ProxyTimeouts;
   limits?: ProxyLimits;
+  /**
+   * Fly's auto_start_machines: a request for an app with no machine to take it (or every started one past its soft
+   * limit) starts a stopped machine through this, and waits in the queue until it routes. Off without it.
+   */
+  autostart?: AutostartOptions;
+  /**
+   * The HTTPS listener: TLS 1.2/1.3 with the certificate picked by SNI from the catalog (a self-signed one for
+   * `<app>.<appsDomain>`), HTTP/2 or HTTP/1.1 by ALPN, requests routed as on `http`. None without it.
+   */
+  https?: { host: string; port: number };
+  /** Where self-signed certificates are kept across restarts; in memory only without it. */
+  certificatesDir?: string;
+  /**
+   * Listen on apps' own addresses (ip_assignments) for their service ports other than 80/443: what an edge does.
+   * Default true; a worker-only host sets false (it still takes those ports' backhaul tunnels).
+   */
+  appAddresses?: boolean;
 }
 
 export interface RunningProxy {
   readonly address: { host: string; port: number };
+  /** The backhaul listener's address, when the proxy takes backhaul. */
+  readonly backhaulAddress: { host: string; port: number } | undefined;
+  /** The HTTPS listener's address, when the proxy has one. */
+  readonly httpsAddress: { host: string; port: number } | undefined;
   /** The current routing snapshot (read-only; for tests and metrics). */
   readonly routes: RoutingTable;
   /** Stops accepting, drains in-flight requests up to the drain timeout, then cuts the rest and closes pools. */
@@ -109,6 +154,7 @@ const defaults: Required<ProxyTimeouts> = {
   keepAliveMs: 30_000,
   drainMs: 10_000,
   queueMs: 10_000,
+  udpIdleMs: 30_000,
 };
 
 const defaultLimits: Required<ProxyLimits> = { maxHeaders: 100, queuePerApp: 100 };
@@ -124,17 +170,31 @@ class ClientClosedError extends Error {
 }
 const clientClosed = new ClientClosedError('the client closed the connection');
 
-/** node:http's response with the per-request state the proxy needs, so listeners can be shared functions. */
-class ProxyResponse extends ServerResponse<IncomingMessage> {
-  exchange: Exchange | null = null;
-  /** Set while the request waits in its app's queue. */
-  waiter: Waiter | null = null;
-  requestId = '';
-  host: string | undefined = undefined;
-  app: string | undefined = undefined;
-  startedAt = 0;
-  errorCode: ProxyErrorCode | 'client_closed' | undefined = undefined;
+/** A response class with the per-request state the proxy needs added, so listeners can be shared functions. */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- the mixin pattern needs a constructor of any arguments
+function withRequestState<T extends new (...args: any[]) => object>(Base: T) {
+  return class extends Base {
+    exchange: Exchange | H2Exchange | null = null;
+    /** Set while the request waits in its app's queue. */
+    waiter: Waiter | null = null;
+    requestId = '';
+    host: string | undefined = undefined;
+    app: string | undefined = undefined;
+    /** Which machines may serve the request, when the request (or the backhaul) narrows them. */
+    want: Want | undefined = undefined;
+    startedAt = 0;
+    errorCode: ProxyErrorCode | 'client_closed' | undefined = undefined;
+  };
 }
+
+/** node:http's response (HTTP/1.1, plain or over TLS) with the proxy's per-request state. */
+class ProxyResponse extends withRequestState(ServerResponse<IncomingMessage>) {}
+/** node:http2's compatibility response (HTTP/2 clients of the TLS listener) with the same state. */
+class ProxyH2Response extends withRequestState(Http2ServerResponse) {}
+/** A response the proxy answers a client request with, either kind. */
+export type ProxyRes = ProxyResponse | ProxyH2Response;
+/** A client request, either kind. */
+type ProxyReq = IncomingMessage | Http2ServerRequest;
 
 function errorCodeOf(err: Error): string {
   const code = (err as { code?: unknown }).code;
@@ -154,8 +214,8 @@ class Exchange implements Dispatcher.DispatchHandler {
 
   constructor(
     readonly proxy: HttpProxy,
-    readonly req: IncomingMessage,
-    readonly res: ProxyResponse,
+    readonly req: ProxyReq,
+    readonly res: ProxyRes,
     readonly app: string,
     /** Acquired by the caller (counted in its `inflight`); released when the response closes. */
     public backend: Backend,
@@ -168,10 +228,11 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.attempts++;
     this.connected = false;
     this.abort = null;
-    this.proxy.poolFor(this.backend).dispatch({
+    const b = this.backend;
+    this.proxy.poolFor(b).dispatch({
       path: this.path,
       method: this.req.method ?? 'GET',
-      headers: this.headers,
+      headers: b.via === undefined ? this.headers : [...this.headers, 'fly-force-instance-id', b.machineId],
       body: this.hasBody ? this.req : null,
     }, this);
   }
@@ -188,10 +249,11 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.resume = resume;
     const res = this.res;
     const headers = responseHeaders(rawHeaders, res.requestId);
-    if (this.proxy.closing) res.shouldKeepAlive = false;
+    if (this.proxy.closing && res instanceof ProxyResponse) res.shouldKeepAlive = false;
     try {
-      if (statusText) res.writeHead(statusCode, statusText, headers);
-      else res.writeHead(statusCode, headers);
+      // HTTP/2 has no reason phrase.
+      if (statusText && res instanceof ProxyResponse) res.writeHead(statusCode, statusText, headers);
+      else writeHeadRaw(res, statusCode, headers);
     } catch (err) {
       // A header node:http refuses to send: treat it as a broken response.
       this.abort?.(err as Error);
@@ -202,7 +264,8 @@ class Exchange implements Dispatcher.DispatchHandler {
 
   onData(chunk: Buffer): boolean {
     this.bytes += chunk.length;
-    if (this.res.write(chunk)) return true;
+    const res: Writable = this.res;
+    if (res.write(chunk)) return true;
     // Backpressure: resume the machine's body when the client drains (listened for only once it is needed).
     if (!this.drainListened) {
       this.drainListened = true;
@@ -227,7 +290,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     const code = errorCodeOf(err);
     const unreachable = !this.connected && !notNetworkErrors.has(code);
     if (unreachable && this.attempts < 2) {
-      const next = this.proxy.pickOther(this.app, this.backend);
+      const next = this.proxy.pickOther(this.app, this.backend, this.res.want);
       if (next !== undefined) {
         this.proxy.release(this.backend);
         this.backend = next;
@@ -235,6 +298,7 @@ class Exchange implements Dispatcher.DispatchHandler {
         return;
       }
     }
+    if (unreachable && this.proxy.retryWarming(this.backend, () => this.send())) return;
     this.done = true;
     if (unreachable) {
       res.errorCode = 'backend_unreachable';
@@ -270,9 +334,12 @@ class Tunnel {
   #finished = false;
   #path = '/';
   #headers: string[] = [];
+  #want: Want | undefined = undefined;
+  readonly #requestHead: RequestHead;
 
-  constructor(readonly proxy: HttpProxy, readonly req: IncomingMessage, readonly client: Socket, readonly head: Buffer) {
-    this.requestId = proxy.nextRequestId();
+  constructor(readonly proxy: HttpProxy, readonly req: IncomingMessage, readonly client: Socket, readonly head: Buffer, readonly backhaul: boolean) {
+    this.#requestHead = readRequestHead(req.rawHeaders, backhaul);
+    this.requestId = (backhaul ? this.#requestHead.requestId : undefined) ?? proxy.nextRequestId();
     client.on('error', () => client.destroy());
     client.on('close', () => {
       this.#clientOpen = false;
@@ -289,10 +356,10 @@ class Tunnel {
 
   begin(): void {
     const { proxy, req } = this;
-    const head = readRequestHead(req.rawHeaders);
+    const head = this.#requestHead;
     this.host = head.host;
     if (proxy.closing) return this.#fail('shutting_down', 'the proxy is shutting down; retry');
-    const a = proxy.admit(req, head);
+    const a = proxy.admit(req, head, this.backhaul);
     if (!a.ok) {
       this.app = a.app;
       return this.#fail(a.code, a.message);
@@ -300,12 +367,14 @@ class Tunnel {
     this.app = a.route.app;
     if (head.hasBody) return this.#fail('bad_request', 'bad request: an Upgrade request cannot carry a body');
     this.#path = a.path;
+    this.#want = a.want;
     const headers = head.headers;
-    addForwarding(headers, clientAddress(this.client.remoteAddress), head.forwardedFor, this.requestId, proxy.forwarding);
+    if (!this.backhaul) addForwarding(headers, clientAddress(this.client.remoteAddress), head.forwardedFor, this.requestId, proxy.forwardingOf(this.client));
     headers.push('connection', 'upgrade', 'upgrade', req.headers.upgrade ?? '');
     this.#headers = headers;
     const w: Waiter = {
       app: a.route.app,
+      want: a.want,
       timer: undefined,
       start: (b) => {
         this.#waiter = undefined;
@@ -340,8 +409,9 @@ class Tunnel {
     this.backend = b;
     this.attempts++;
     const t = this.proxy.timeouts;
+    const headers = b.via === undefined ? this.#headers : [...this.#headers, 'fly-force-instance-id', b.machineId];
     const up = httpRequest({
-      host: b.address, port: b.port, method: this.req.method ?? 'GET', path: this.#path, headers: this.#headers, setHost: false, agent: false,
+      host: b.address, port: b.port, method: this.req.method ?? 'GET', path: this.#path, headers, setHost: false, agent: false,
     });
     this.#upReq = up;
     let connected = false;
@@ -370,7 +440,7 @@ class Tunnel {
       clearTimeout(timer);
       if (this.#upReq !== up || !this.#clientOpen || this.status !== 0) return;
       if (!connected && this.attempts < 2 && this.app !== undefined) {
-        const next = this.proxy.pickOther(this.app, b);
+        const next = this.proxy.pickOther(this.app, b, this.#want);
         if (next !== undefined) {
           this.proxy.release(b);
           this.#connect(next);
@@ -461,13 +531,6 @@ class Tunnel {
   }
 }
 
-/** Ends a socket, and destroys it if the peer has not closed it a little later. */
-function closeSoon(s: Socket): void {
-  if (s.destroyed) return;
-  if (!s.writableEnded) s.end();
-  const timer = setTimeout(() => s.destroy(), 2_000);
-  s.once('close', () => clearTimeout(timer));
-}
 
 /** Most hosts repeat: their parsed app name is cached, up to this many distinct Host values. */
 const hostCacheLimit = 10_000;
@@ -486,11 +549,31 @@ class HttpProxy implements RunningProxy {
   readonly #pools = new Map<string, Pool>();
   readonly #poolOptions: Pool.Options;
   readonly #server: Server<typeof IncomingMessage, typeof ProxyResponse>;
+  /** The backhaul listener (requests other hosts' proxies forward), when configured. */
+  readonly #backhaul: Server<typeof IncomingMessage, typeof ProxyResponse> | undefined;
+  /** Accepts backhaul connections for #backhaul (HTTP/1.1) or its own h2c server. */
+  readonly #backhaulListener: BackhaulListener | undefined;
+  #backhaulAddress: { host: string; port: number } | undefined;
   readonly #unsubscribe: () => void;
+  readonly #autostart: Autostarter | undefined;
   readonly #suffix: string;
   /** Host header value → app name, for valid hosts that name an app. */
   readonly #hostCache = new Map<string, string>();
   readonly #fwd: ForwardingConstants;
+  /** The same for requests that came over TLS (X-Forwarded-Proto https, the HTTPS port). */
+  readonly #fwdTls: ForwardingConstants;
+  /** Custom certificates by host name (routing and SNI) and the self-signed defaults. */
+  readonly #certs: CertificateIndex;
+  /** Listeners on apps' own addresses (their non-HTTP service ports). */
+  readonly #ports: PortListeners;
+  /** The HTTPS listener's TLS server, which also takes `tls` + `http` connections of app addresses. */
+  #tlsServer: TlsServer | undefined;
+  readonly #tls: TlsListener | undefined;
+  #httpsAddress: { host: string; port: number } | undefined;
+  /** h2c sessions to machines whose service asks for it. */
+  readonly h2Sessions: H2Sessions;
+  /** This host's region: among equally loaded machines, the proxy picks one there first. */
+  readonly #near: string;
   readonly #idPrefix = randomBytes(6).toString('hex');
   readonly #idSuffix: string;
   #seq = 0;
@@ -500,18 +583,20 @@ class HttpProxy implements RunningProxy {
   #closed: Promise<void> | null = null;
   #address: { host: string; port: number } = { host: '', port: 0 };
   /** One shared 'close' listener for every response (`this` is the response), so no closure per request. */
-  readonly #onResponseClose: (this: ProxyResponse) => void;
+  readonly #onResponseClose: (this: ProxyRes) => void;
 
   constructor(opts: ProxyOptions) {
     this.#opts = opts;
     const proxy = this;
-    this.#onResponseClose = function onResponseClose(this: ProxyResponse) { proxy.#responseClosed(this); };
+    this.#onResponseClose = function onResponseClose(this: ProxyRes) { proxy.#responseClosed(this); };
     this.#t = { ...defaults, ...opts.timeouts };
     this.#limits = { ...defaultLimits, ...opts.limits };
     this.#log = opts.log.child({ component: 'proxy' });
     this.#suffix = `.${(opts.appsDomain ?? 'localhost').toLowerCase().replace(/^\.+|\.+$/g, '')}`;
     const region = opts.region ?? 'local';
-    this.#fwd = { port: String(opts.http.port), region };
+    this.#fwd = { port: String(opts.http.port), region, proto: 'http' };
+    this.#fwdTls = { port: String(opts.https?.port ?? 0), region, proto: 'https' };
+    this.#near = region;
     this.#idSuffix = `-${region}`;
     this.#poolOptions = {
       pipelining: 1,
@@ -522,29 +607,75 @@ class HttpProxy implements RunningProxy {
     };
 
     // Load, then subscribe, in one synchronous step: no batch can fall between the two.
-    this.#index = new RouteIndex(opts.catalog);
+    this.#index = new RouteIndex(opts.catalog, opts.hostId);
+    this.#certs = new CertificateIndex({ source: opts.catalog, appsDomain: opts.appsDomain ?? 'localhost', dir: opts.certificatesDir, log: this.#log });
+    this.#autostart = opts.autostart === undefined ? undefined : new Autostarter(opts.autostart, region, this.#log);
     this.#table = this.#index.table;
     this.#unsubscribe = opts.catalog.subscribe((batch) => this.#onBatch(batch));
 
+    this.#ports = new PortListeners({
+      log: this.#log, listen: opts.appAddresses !== false, choose: (backends, exclude) => choose(backends, this.#near, exclude), certificates: this.#certs,
+      appExists: (app) => this.#table.apps.has(app), connectMs: this.#t.backendConnectMs, handshakeMs: this.#t.clientHeadersMs, udpIdleMs: this.#t.udpIdleMs,
+      http: (socket, tls) => {
+        if (!tls) this.#server.emit('connection', socket);
+        else if (this.#tlsServer !== undefined) this.#tlsServer.emit('connection', socket);
+        else socket.destroy(); // tls + http on an app address needs the HTTPS listener
+      },
+    });
+    this.#server = this.#createServer(false);
+    this.#backhaul = opts.backhaul === undefined ? undefined : this.#createServer(true);
+    this.#backhaulListener = this.#backhaul === undefined ? undefined : new BackhaulListener({
+      http1: this.#backhaul,
+      onRequest: (req, res) => this.#onRequest(req, res as ProxyH2Response, true),
+      responseClass: ProxyH2Response,
+      idleMs: this.#t.keepAliveMs,
+      maxHeaders: this.#limits.maxHeaders,
+    });
+    this.h2Sessions = new H2Sessions(this.#t.backendConnectMs, this.#log);
+    this.#tls = opts.https === undefined ? undefined : new TlsListener({
+      certificates: this.#certs,
+      appExists: (app) => this.#table.apps.has(app),
+      http1: this.#server,
+      onRequest: (req, res) => this.#onRequest(req, res as ProxyH2Response, false),
+      responseClass: ProxyH2Response,
+      handshakeMs: this.#t.clientHeadersMs,
+      idleMs: this.#t.keepAliveMs,
+      maxHeaders: this.#limits.maxHeaders,
+      log: this.#log,
+    });
+  }
+
+  /** An HTTP server with the proxy's timeouts and limits; `backhaul` ones take requests other hosts' proxies forward. */
+  #createServer(backhaul: boolean): Server<typeof IncomingMessage, typeof ProxyResponse> {
     const t = this.#t;
     const clientRequestMs = t.clientRequestMs > 0 ? Math.max(t.clientRequestMs, t.clientHeadersMs) : 0;
-    this.#server = createServer<typeof IncomingMessage, typeof ProxyResponse>({
+    const server = createServer<typeof IncomingMessage, typeof ProxyResponse>({
       ServerResponse: ProxyResponse,
       headersTimeout: t.clientHeadersMs,
       requestTimeout: clientRequestMs,
       connectionsCheckingInterval: Math.max(100, Math.min(t.clientHeadersMs / 4, 5_000)),
       requireHostHeader: true,
       noDelay: true,
-    }, (req, res) => this.#onRequest(req, res));
-    this.#server.keepAliveTimeout = t.keepAliveMs;
+    }, (req, res) => this.#onRequest(req, res, backhaul));
+    server.keepAliveTimeout = t.keepAliveMs;
     // One more than the limit, so a request over it is seen (node:http silently drops fields past its count).
-    this.#server.maxHeadersCount = this.#limits.maxHeaders + 1;
-    this.#server.on('clientError', (err: Error, socket: Socket) => this.#onClientError(err, socket));
-    this.#server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.#onUpgrade(req, socket, head));
+    server.maxHeadersCount = this.#limits.maxHeaders + 1;
+    server.on('clientError', (err: Error, socket: Socket) => this.#onClientError(err, socket));
+    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.#onUpgrade(req, socket, head, backhaul));
+    if (backhaul) server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => this.#ports.acceptTunnel(req, socket, head));
+    return server;
   }
 
   get address(): { host: string; port: number } {
     return this.#address;
+  }
+
+  get backhaulAddress(): { host: string; port: number } | undefined {
+    return this.#backhaulAddress;
+  }
+
+  get httpsAddress(): { host: string; port: number } | undefined {
+    return this.#httpsAddress;
   }
 
   get routes(): RoutingTable {
@@ -552,25 +683,39 @@ class HttpProxy implements RunningProxy {
   }
 
   async listen(): Promise<void> {
-    const { host, port } = this.#opts.http;
-    await new Promise<void>((resolve, reject) => {
-      const onError = (err: Error) => reject(new TarmacError('unavailable', `the proxy cannot listen on ${host}:${port}: ${err.message}; free the port or configure another`, { cause: err }));
-      this.#server.once('error', onError);
-      this.#server.listen(port, host, () => {
-        this.#server.off('error', onError);
-        resolve();
-      });
-    });
-    const a = this.#server.address() as AddressInfo;
-    this.#address = { host: a.address, port: a.port };
-    this.#fwd.port = String(a.port);
+    this.#address = await listenOn(this.#server, this.#opts.http, 'the proxy');
+    this.#fwd.port = String(this.#address.port);
     this.#server.on('error', (err) => this.#log.error({ err }, 'proxy server error'));
+    if (this.#backhaulListener !== undefined) {
+      const server = this.#backhaulListener.server;
+      try {
+        this.#backhaulAddress = await listenOn(server, this.#opts.backhaul!, 'the proxy\'s backhaul');
+      } catch (err) {
+        this.#server.close();
+        throw err;
+      }
+      server.on('error', (err) => this.#log.error({ err }, 'proxy backhaul server error'));
+    }
+    if (this.#tls !== undefined) {
+      try {
+        const server = this.#tls.start(await this.#certs.defaultPem());
+        this.#tlsServer = server;
+        this.#httpsAddress = await listenOn(server, this.#opts.https!, 'the proxy\'s HTTPS listener');
+        server.on('error', (err) => this.#log.error({ err }, 'proxy TLS server error'));
+      } catch (err) {
+        this.#server.close();
+        this.#backhaulListener?.server.close();
+        throw err;
+      }
+      this.#fwdTls.port = String(this.#httpsAddress.port);
+    }
     const signal = this.#opts.signal;
     if (signal) {
       if (signal.aborted) void this.close();
       else signal.addEventListener('abort', () => void this.close(), { once: true });
     }
-    this.#log.info({ address: this.#address, apps: this.#table.apps.size }, 'proxy listening');
+    this.#ports.update(this.#table);
+    this.#log.info({ address: this.#address, backhaul: this.#backhaulAddress, https: this.#httpsAddress, apps: this.#table.apps.size }, 'proxy listening');
   }
 
   close(): Promise<void> {
@@ -591,17 +736,37 @@ class HttpProxy implements RunningProxy {
     return this.#t;
   }
 
-  get forwarding(): ForwardingConstants {
-    return this.#fwd;
+  /** The forwarding constants for a client connection: its listener's port and scheme. */
+  forwardingOf(socket: Socket): ForwardingConstants {
+    return (socket as TLSSocket).encrypted ? this.#fwdTls : this.#fwd;
   }
 
   /** Another backend of the app below its hard limit, for a retry after a connect failure; acquired (counted) when found. */
-  pickOther(app: string, failed: Backend): Backend | undefined {
+  pickOther(app: string, failed: Backend, want: Want | undefined): Backend | undefined {
+    if (want?.only !== undefined) return undefined; // the one machine asked for failed
     const route = this.#table.apps.get(app);
     if (route === undefined) return undefined;
-    const b = choose(route.backends, failed);
+    const b = choose(route.backends, this.#near, failed);
     if (b !== undefined) b.inflight++;
     return b;
+  }
+
+  /** The backend a request gets now (not yet counted), honouring what it asks for; undefined when all are at their limit. */
+  pick(backends: readonly Backend[], want: Want | undefined): Backend | undefined {
+    if (want === undefined) return choose(backends, this.#near);
+    if (want.only !== undefined) {
+      for (const b of backends) {
+        if (b.machineId === want.only && b.inflight < b.hardLimit && (!want.local || b.via === undefined)) return b;
+      }
+      return undefined;
+    }
+    const inRegion = want.region === undefined ? undefined : choose(backends.filter((b) => b.region === want.region));
+    return inRegion ?? choose(backends, this.#near);
+  }
+
+  /** True when `b` was autostarted moments ago and a refused connection to it is tried again later (`again`). */
+  retryWarming(b: Backend, again: () => void): boolean {
+    return this.#autostart !== undefined && !this.closing && this.#autostart.retryWarming(b, again);
   }
 
   /** Gives back a backend's slot; a request of its app waiting in the queue may take it. */
@@ -616,14 +781,16 @@ class HttpProxy implements RunningProxy {
 
   /**
    * Checks what routing relies on and finds the app: one Host, a valid one, a request target in origin form (or an
-   * absolute form naming the same host, forwarded in origin form), a bounded header count.
+   * absolute form naming the same host, forwarded in origin form), a bounded header count; and the machine it names
+   * (Fly-Force-Instance-Id), which over the backhaul must be one of this host's.
    */
-  admit(req: IncomingMessage, head: RequestHead): Admission {
+  admit(req: ProxyReq, head: RequestHead, backhaul = false): Admission {
     if (head.invalid !== undefined) return { ok: false, code: 'bad_request', message: `bad request: ${head.invalid}` };
     if (req.rawHeaders.length > this.#limits.maxHeaders * 2) {
       return { ok: false, code: 'headers_too_large', message: `too many request header fields (the limit is ${this.#limits.maxHeaders})` };
     }
-    const app = head.host === undefined ? undefined : this.#appOf(head.host);
+    // On an app's own address and port the app is known; elsewhere the Host names it.
+    const app = this.#ports.httpAppOf(req.socket) ?? (head.host === undefined ? undefined : this.#appOf(head.host));
     if (app === false) return { ok: false, code: 'bad_request', message: 'bad request: invalid Host header' };
     let path = req.url ?? '/';
     if (path.charCodeAt(0) !== 47 /* / */) {
@@ -637,14 +804,25 @@ class HttpProxy implements RunningProxy {
     }
     const route = app === undefined ? undefined : this.#table.apps.get(app);
     if (route === undefined) return { ok: false, code: 'app_not_found', message: `no app is served at host ${head.host ?? '(none)'}` };
-    if (route.backends.length === 0) return { ok: false, code: 'no_machine', message: `no started machine can serve app ${route.app}`, app: route.app };
-    return { ok: true, route, path };
+    if (route.backends.length === 0 && this.#autostart?.canStart(route.app) !== true) {
+      return { ok: false, code: 'no_machine', message: `no started machine can serve app ${route.app}`, app: route.app };
+    }
+    if (head.forceInstance === undefined && head.preferRegion === undefined && !backhaul) return { ok: true, route, path, want: undefined };
+    if (backhaul && head.forceInstance === undefined) {
+      return { ok: false, code: 'bad_request', message: 'bad request: a backhaul request must name its machine in Fly-Force-Instance-Id', app: route.app };
+    }
+    const only = head.forceInstance;
+    if (only !== undefined && !route.backends.some((b) => b.machineId === only && (!backhaul || b.via === undefined))) {
+      return { ok: false, code: 'no_machine', message: `machine ${only} of app ${route.app} is not started here or does not exist`, app: route.app };
+    }
+    return { ok: true, route, path, want: { only, region: head.preferRegion, local: backhaul } };
   }
 
-  /** Starts `w` on the least-loaded backend of `app`, or queues it while every backend is at its hard limit. */
+  /** Starts `w` on the least-loaded backend of `app` it may use, or queues it while every such backend is at its hard limit. */
   dispatch(route: AppRoute, w: Waiter): void {
-    const b = choose(route.backends);
+    const b = this.pick(route.backends, w.want);
     if (b !== undefined) {
+      if (b.inflight >= b.softLimit && w.want === undefined) this.#autostart?.demand(route, 0);
       b.inflight++;
       w.start(b);
       return;
@@ -658,9 +836,12 @@ class HttpProxy implements RunningProxy {
     }
     q.push(w);
     publishQueue(route.app, q.length);
+    if (w.want?.only === undefined) this.#autostart?.demand(route, q.length);
     w.timer = setTimeout(() => {
       this.dequeue(w);
-      w.fail('over_capacity', `every machine of app ${route.app} stayed at its hard concurrency limit for the ${this.#t.queueMs} ms the request waited; retry later, add machines or raise services.concurrency.hard_limit`);
+      w.fail('over_capacity', route.backends.length === 0
+        ? `no machine of app ${route.app} was ready within the ${this.#t.queueMs} ms the request waited for one to start; retry later`
+        : `every machine of app ${route.app} stayed at its hard concurrency limit for the ${this.#t.queueMs} ms the request waited; retry later, add machines or raise services.concurrency.hard_limit`);
     }, this.#t.queueMs);
   }
 
@@ -681,7 +862,7 @@ class HttpProxy implements RunningProxy {
     const q = this.#queues.get(app);
     if (q === undefined) return;
     const route = this.#table.apps.get(app);
-    if (route === undefined || route.backends.length === 0) {
+    if (route === undefined || (route.backends.length === 0 && this.#autostart?.starting(app) !== true)) {
       this.#queues.delete(app);
       publishQueue(app, 0);
       for (const w of q) {
@@ -691,10 +872,16 @@ class HttpProxy implements RunningProxy {
       return;
     }
     const before = q.length;
-    while (q.length > 0) {
-      const b = choose(route.backends);
-      if (b === undefined) break;
-      const w = q.shift()!;
+    // Oldest first; a waiter that asks for a machine still at its limit lets the ones behind it go ahead.
+    for (let i = 0; i < q.length;) {
+      const w = q[i]!;
+      const b = this.pick(route.backends, w.want);
+      if (b === undefined) {
+        if (w.want === undefined) break; // nothing is free for anyone
+        i++;
+        continue;
+      }
+      q.splice(i, 1);
       clearTimeout(w.timer);
       w.timer = undefined;
       b.inflight++;
@@ -709,6 +896,7 @@ class HttpProxy implements RunningProxy {
     this.#inflight--;
     if (this.closing) {
       this.#server.closeIdleConnections();
+      this.#backhaul?.closeIdleConnections();
       if (this.#inflight === 0) this.#drained?.();
     }
   }
@@ -718,16 +906,23 @@ class HttpProxy implements RunningProxy {
     this.settled();
   }
 
-  #onRequest(req: IncomingMessage, res: ProxyResponse): void {
+  #onRequest(req: ProxyReq, res: ProxyRes, backhaul: boolean): void {
+    // ACME HTTP-01 validation of a host name with an order pending (any edge answers it); a string compare otherwise.
+    if (!backhaul && req.url?.startsWith(acmeHttpPrefix) === true && this.#certs.challenges.answerHttp(req.headers.host, req.url, res)) return;
     this.#inflight++;
     res.startedAt = performance.now();
     res.on('close', this.#onResponseClose);
-    if (this.closing) res.shouldKeepAlive = false;
-    const head = readRequestHead(req.rawHeaders);
-    const requestId = this.nextRequestId();
+    let head: RequestHead;
+    if (res instanceof ProxyResponse) {
+      if (this.closing) res.shouldKeepAlive = false;
+      head = readRequestHead(req.rawHeaders, backhaul);
+    } else {
+      head = h2RequestHead(req as Http2ServerRequest, backhaul);
+    }
+    const requestId = (backhaul ? head.requestId : undefined) ?? this.nextRequestId();
     res.requestId = requestId;
     res.host = head.host;
-    const a = this.admit(req, head);
+    const a = this.admit(req, head, backhaul);
     if (!a.ok) {
       res.app = a.app;
       res.errorCode = a.code;
@@ -736,10 +931,12 @@ class HttpProxy implements RunningProxy {
     }
     const route = a.route;
     res.app = route.app;
-    addForwarding(head.headers, clientAddress(req.socket.remoteAddress), head.forwardedFor, requestId, this.#fwd);
-    const b = choose(route.backends);
+    res.want = a.want;
+    if (!backhaul) addForwarding(head.headers, clientAddress(req.socket.remoteAddress), head.forwardedFor, requestId, this.forwardingOf(req.socket));
+    const b = this.pick(route.backends, a.want);
     if (b !== undefined) {
       // The common case: no closure or waiter per request.
+      if (b.inflight >= b.softLimit && a.want === undefined) this.#autostart?.demand(route, 0);
       b.inflight++;
       startExchange(this, req, res, route.app, b, a.path, head);
       return;
@@ -747,6 +944,7 @@ class HttpProxy implements RunningProxy {
     // Every machine is at its hard limit: wait in the app's queue.
     const w: Waiter = {
       app: route.app,
+      want: a.want,
       timer: undefined,
       start: (next) => {
         res.waiter = null;
@@ -762,15 +960,15 @@ class HttpProxy implements RunningProxy {
     this.dispatch(route, w);
   }
 
-  #onUpgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
+  #onUpgrade(req: IncomingMessage, socket: Socket, head: Buffer, backhaul: boolean): void {
     this.#inflight++;
-    const t = new Tunnel(this, req, socket, head);
+    const t = new Tunnel(this, req, socket, head, backhaul);
     this.#tunnels.add(t);
     t.begin();
   }
 
   /** Runs once per response, when it is done or its client left: accounting, client aborts, the request event. */
-  #responseClosed(res: ProxyResponse): void {
+  #responseClosed(res: ProxyRes): void {
     const ex = res.exchange;
     if (res.waiter !== null) {
       this.dequeue(res.waiter);
@@ -815,18 +1013,21 @@ class HttpProxy implements RunningProxy {
     if (end > 0 && host.charCodeAt(end - 1) === 46 /* . */) end--;
     const name = host.slice(0, end).toLowerCase();
     const suffix = this.#suffix;
-    if (name.length <= suffix.length || !name.endsWith(suffix)) return undefined;
-    const app = name.slice(0, name.length - suffix.length);
+    // `<app>.<appsDomain>`, or a host name the app has a custom certificate for.
+    const app = name.length > suffix.length && name.endsWith(suffix) ? name.slice(0, name.length - suffix.length) : this.#certs.appOf(name);
+    if (app === undefined) return undefined;
     if (this.#hostCache.size >= hostCacheLimit) this.#hostCache.clear();
     this.#hostCache.set(host, app);
     return app;
   }
 
   #onBatch(batch: ChangeBatch): void {
+    if (batch.revision > this.#index.revision && this.#certs.apply(batch.changes)) this.#hostCache.clear();
     if (!this.#index.apply(batch.revision, batch.changes) || this.#swapScheduled) return;
-    // Coalesce a burst of batches into one rebuild after the current tick.
+    // Coalesce the batches of one catalog callback (a watch response) into one rebuild, right after it: a microtask,
+    // since under a burst of responses the next turn of the event loop comes only after all of them.
     this.#swapScheduled = true;
-    setImmediate(this.#swap);
+    queueMicrotask(this.#swap);
   }
 
   readonly #swap = (): void => {
@@ -834,6 +1035,9 @@ class HttpProxy implements RunningProxy {
     if (this.closing || !this.#index.rebuild()) return;
     this.#table = this.#index.table;
     this.#closeStalePools();
+    this.h2Sessions.retain(this.#table);
+    this.#autostart?.routed(this.#table);
+    this.#ports.update(this.#table);
     // New or changed machines may take requests that wait.
     for (const app of [...this.#queues.keys()]) this.#drainQueue(app);
     this.#log.debug({ version: this.#table.version, revision: this.#table.revision, apps: this.#table.apps.size }, 'routing table swapped');
@@ -872,6 +1076,7 @@ class HttpProxy implements RunningProxy {
   async #close(): Promise<void> {
     this.closing = true;
     this.#unsubscribe();
+    this.#autostart?.close();
     for (const [app, q] of [...this.#queues]) {
       this.#queues.delete(app);
       publishQueue(app, 0);
@@ -880,9 +1085,13 @@ class HttpProxy implements RunningProxy {
         w.fail('shutting_down', 'the proxy is shutting down; retry');
       }
     }
-    const server = this.#server;
-    const serverClosed = new Promise<void>((resolve) => server.close(() => resolve()));
-    server.closeIdleConnections();
+    // The backhaul's HTTP server never listens itself (its listener hands it connections), like the TLS listener's.
+    const servers = this.#backhaul === undefined ? [this.#server] : [this.#server, this.#backhaul];
+    const serversClosed = new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    for (const server of servers) server.closeIdleConnections();
+    const tlsClosed = this.#tls?.stopAccepting();
+    const portsClosed = this.#ports.close(this.#t.drainMs);
+    const backhaulClosed = this.#backhaulListener?.stopAccepting();
     if (this.#inflight > 0) {
       let timer: NodeJS.Timeout | undefined;
       await new Promise<void>((resolve) => {
@@ -893,21 +1102,25 @@ class HttpProxy implements RunningProxy {
       if (this.#inflight > 0) this.#log.warn({ inflight: this.#inflight }, 'proxy drain timed out; cutting remaining requests');
     }
     for (const t of this.#tunnels) t.destroy();
-    server.closeAllConnections();
+    for (const server of servers) server.closeAllConnections();
+    this.#tls?.destroy();
+    this.#backhaulListener?.destroy();
+    this.h2Sessions.destroyAll();
     const pools = [...this.#pools.values()];
     this.#pools.clear();
     await Promise.all(pools.map((p) => p.destroy().catch(() => undefined)));
-    await serverClosed;
+    await Promise.all([serversClosed, tlsClosed, backhaulClosed, portsClosed]);
     this.#log.info({}, 'proxy closed');
   }
 }
 
 /**
- * Fly's balancing on one host: a backend below its soft limit before one above it, then the fewest in flight, ties at
- * random; none at or over its hard limit (undefined when every one is). `exclude` skips a machine that just failed.
+ * Fly's balancing: a backend below its soft limit before one above it, then the fewest in flight, then one in region
+ * `near`, ties at random; none at or over its hard limit (undefined when every one is). `exclude` skips a machine that
+ * just failed (and every machine behind the same connection: its host's backhaul).
  */
-export function choose(backends: readonly Backend[], exclude?: Backend): Backend | undefined {
-  let best: Backend | undefined;
+export function choose<B extends Backend>(backends: readonly B[], near?: string, exclude?: Backend): B | undefined {
+  let best: B | undefined;
   let bestScore = Infinity;
   let ties = 0;
   for (let i = 0; i < backends.length; i++) {
@@ -915,7 +1128,7 @@ export function choose(backends: readonly Backend[], exclude?: Backend): Backend
     const n = b.inflight;
     if (n >= b.hardLimit) continue;
     if (exclude !== undefined && (b.machineId === exclude.machineId || b.origin === exclude.origin)) continue;
-    const score = n >= b.softLimit ? n + 0x4000_0000 : n;
+    const score = (n >= b.softLimit ? n + 0x4000_0000 : n) * 2 + (near === undefined || b.region === near ? 0 : 1);
     if (score < bestScore) {
       best = b;
       bestScore = score;
@@ -927,9 +1140,20 @@ export function choose(backends: readonly Backend[], exclude?: Backend): Backend
   return best;
 }
 
+/** What a request asks of the machine that serves it (Fly-Force-Instance-Id, Fly-Prefer-Region, backhaul). */
+export interface Want {
+  /** Only this machine. */
+  readonly only: string | undefined;
+  /** A machine of this region when one is below its hard limit, else any. */
+  readonly region: string | undefined;
+  /** Only a machine of this host (a backhaul request: never forwarded again). */
+  readonly local: boolean;
+}
+
 /** A request routed to an app, waiting for (or handed) a backend slot. */
 interface Waiter {
   readonly app: string;
+  readonly want: Want | undefined;
   timer: NodeJS.Timeout | undefined;
   /** Called with a backend already counted in its `inflight`. */
   start(b: Backend): void;
@@ -937,7 +1161,7 @@ interface Waiter {
 }
 
 type Admission =
-  | { ok: true; route: AppRoute; path: string }
+  | { ok: true; route: AppRoute; path: string; want: Want | undefined }
   | { ok: false; code: ProxyErrorCode; message: string; app?: string };
 
 /** Host values that can name an app: a reg-name or IP literal and an optional port (RFC 3986 §3.2.2). */
@@ -945,15 +1169,29 @@ const validHost = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(?::[0-9]
 /** An absolute-form request target: its authority and the rest. */
 const absoluteForm = /^https?:\/\/([^/?#]*)(.*)$/i;
 
-function onResponseDrain(this: ProxyResponse): void {
+function onResponseDrain(this: ProxyRes): void {
   this.exchange?.resume?.();
 }
 
 /** Forwards a request to `b` (already counted in its `inflight`). */
-function startExchange(proxy: HttpProxy, req: IncomingMessage, res: ProxyResponse, app: string, b: Backend, path: string, head: RequestHead): void {
-  const ex = new Exchange(proxy, req, res, app, b, path, head.headers, head.hasBody);
+function startExchange(proxy: HttpProxy, req: ProxyReq, res: ProxyRes, app: string, b: Backend, path: string, head: RequestHead): void {
+  const ex = b.h2 ? new H2Exchange(proxy, req, res, app, b, path, head.headers, head.hasBody) : new Exchange(proxy, req, res, app, b, path, head.headers, head.hasBody);
   res.exchange = ex;
   ex.send();
+}
+
+/** Listens on `at`; a failure names what could not listen and where. */
+async function listenOn(server: import("node:net").Server, at: { host: string; port: number }, what: string): Promise<{ host: string; port: number }> {
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: Error) => reject(new TarmacError('unavailable', `${what} cannot listen on ${at.host}:${at.port}: ${err.message}; free the port or configure another`, { cause: err }));
+    server.once('error', onError);
+    server.listen(at.port, at.host, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+  const a = server.address() as AddressInfo;
+  return { host: a.address, port: a.port };
 }
 
 /** Starts the proxy's HTTP listener with a routing table loaded from `catalog` and kept current from its changes. */

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { openSqliteCatalog, type Catalog, type MachineConfig, type MachineSpec } from '../catalog/index.ts';
 import { silentLogger } from '../shared/log.ts';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { proxyQueueChannel, startProxy, type ProxyLimits, type ProxyQueueEvent, type ProxyTimeouts, type RunningProxy } from './proxy.ts';
+import { proxyQueueChannel, startProxy, type ProxyLimits, type ProxyOptions, type ProxyQueueEvent, type ProxyTimeouts, type RunningProxy } from './proxy.ts';
 
 const now = () => new Date().toISOString();
 
@@ -36,11 +36,11 @@ export function httpService(internalPort: number, concurrency?: Service['concurr
 
 let seq = 0;
 
-/** A started machine of `app` on 127.0.0.1, written as the API and the worker would: spec, then status. */
-export async function startedMachine(c: Catalog, app: string, services: Service[]): Promise<string> {
+/** A started machine of `app` on 127.0.0.1 (host `h1`, region `local` unless `at` says), written as the API and the worker would: spec, then status. */
+export async function startedMachine(c: Catalog, app: string, services: Service[], at: { host?: string; region?: string } = {}): Promise<string> {
   const id = `${(++seq).toString(16).padStart(8, '0')}${process.pid.toString(16).padStart(6, '0')}`;
   const spec: MachineSpec = {
-    id, app, name: `m${seq}`, region: 'local', host_id: 'h1', config: { image: 'busybox', services },
+    id, app, name: `m${seq}`, region: at.region ?? 'local', host_id: at.host ?? 'h1', config: { image: 'busybox', services },
     instance_id: `01INST${id}`, version: 1, desired: 'started', restart_generation: 0, cordoned: false,
     private_ip: '127.0.0.1', created_at: now(), updated_at: now(),
   };
@@ -49,9 +49,11 @@ export async function startedMachine(c: Catalog, app: string, services: Service[
   return id;
 }
 
-export async function proxyFor(t: TestContext, catalog: Catalog, timeouts: ProxyTimeouts = {}, limits: ProxyLimits = {}): Promise<RunningProxy> {
+export async function proxyFor(
+  t: TestContext, catalog: Catalog, timeouts: ProxyTimeouts = {}, limits: ProxyLimits = {}, more: Partial<ProxyOptions> = {},
+): Promise<RunningProxy> {
   const proxy = await startProxy({
-    catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'test-region', timeouts, limits,
+    catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'test-region', timeouts, limits, ...more,
   });
   t.after(() => proxy.close());
   return proxy;

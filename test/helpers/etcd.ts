@@ -24,29 +24,43 @@ export interface EtcdCluster {
   members: EtcdMember[];
   /** Compacts the whole keyspace up to the current revision (physically), returning that revision. */
   compact(): Promise<number>;
+  /** The member that is the raft leader now (as the running members report it). */
+  leader(): Promise<EtcdMember>;
   stop(): Promise<void>;
 }
 
+/** Where members run, when not all on loopback in this network namespace. */
+export interface EtcdPlacement {
+  /** Member i listens on addresses[i] (ports 2379 and 2380), e.g. each in its own network namespace. */
+  addresses: string[];
+  /** Command prefix that runs member i where its address lives (e.g. `nsenter --net=…`). */
+  wrap(i: number): string[];
+}
+
 /** Starts `n` members that form one cluster; resolves once every member reports healthy. */
-export async function startEtcdCluster(n = 3): Promise<EtcdCluster> {
+export async function startEtcdCluster(n = 3, placement?: EtcdPlacement): Promise<EtcdCluster> {
   const dir = await mkdtemp(join(tmpdir(), 'tarmac-etcd-'));
-  const ports: Array<{ client: number; peer: number }> = [];
-  for (let i = 0; i < n; i++) ports.push({ client: await freePort(), peer: await freePort() });
+  const ports: Array<{ client: number; peer: number; host: string }> = [];
+  for (let i = 0; i < n; i++) {
+    const host = placement?.addresses[i];
+    ports.push(host === undefined ? { client: await freePort(), peer: await freePort(), host: '127.0.0.1' } : { client: 2379, peer: 2380, host });
+  }
   const names = ports.map((_, i) => `m${i}`);
-  const initialCluster = ports.map((p, i) => `${names[i]}=http://127.0.0.1:${p.peer}`).join(',');
+  const initialCluster = ports.map((p, i) => `${names[i]}=http://${p.host}:${p.peer}`).join(',');
   const token = `tarmac-test-${process.pid}-${Date.now()}`;
   const procs: Array<ChildProcess | undefined> = new Array(n).fill(undefined);
   const logs: string[][] = ports.map(() => []);
 
   const launch = (i: number) => {
     const p = ports[i]!;
-    const child = spawn(etcdBin, [
+    const [cmd, ...prefix] = [...(placement?.wrap(i) ?? []), etcdBin];
+    const child = spawn(cmd!, [...prefix,
       '--name', names[i]!,
       '--data-dir', join(dir, names[i]!),
-      '--listen-client-urls', `http://127.0.0.1:${p.client}`,
-      '--advertise-client-urls', `http://127.0.0.1:${p.client}`,
-      '--listen-peer-urls', `http://127.0.0.1:${p.peer}`,
-      '--initial-advertise-peer-urls', `http://127.0.0.1:${p.peer}`,
+      '--listen-client-urls', `http://${p.host}:${p.client}`,
+      '--advertise-client-urls', `http://${p.host}:${p.client}`,
+      '--listen-peer-urls', `http://${p.host}:${p.peer}`,
+      '--initial-advertise-peer-urls', `http://${p.host}:${p.peer}`,
       '--initial-cluster', initialCluster,
       '--initial-cluster-state', 'new',
       '--initial-cluster-token', token,
@@ -61,7 +75,7 @@ export async function startEtcdCluster(n = 3): Promise<EtcdCluster> {
     procs[i] = child;
   };
   const healthy = async (i: number) => {
-    const res = await fetch(`http://127.0.0.1:${ports[i]!.client}/health`, { signal: AbortSignal.timeout(2_000) });
+    const res = await fetch(`http://${ports[i]!.host}:${ports[i]!.client}/health`, { signal: AbortSignal.timeout(2_000) });
     const body = (await res.json()) as { health?: string };
     return body.health === 'true';
   };
@@ -92,10 +106,10 @@ export async function startEtcdCluster(n = 3): Promise<EtcdCluster> {
     throw e;
   }
 
-  const endpoints = ports.map((p) => `127.0.0.1:${p.client}`);
+  const endpoints = ports.map((p) => `${p.host}:${p.client}`);
   const members: EtcdMember[] = ports.map((p, i) => ({
     name: names[i]!,
-    clientUrl: `http://127.0.0.1:${p.client}`,
+    clientUrl: `http://${p.host}:${p.client}`,
     get running() { return procs[i] !== undefined; },
     stop: () => kill(i),
     async start() {
@@ -105,7 +119,7 @@ export async function startEtcdCluster(n = 3): Promise<EtcdCluster> {
       await waitFor(`etcd member ${names[i]} listening`, async () => {
         const c = procs[i];
         if (c && c.exitCode !== null) throw new Error(`etcd ${names[i]} exited: ${logs[i]!.join('').slice(-2000)}`);
-        const res = await fetch(`http://127.0.0.1:${p.client}/version`, { signal: AbortSignal.timeout(2_000) });
+        const res = await fetch(`http://${p.host}:${p.client}/version`, { signal: AbortSignal.timeout(2_000) });
         return res.ok;
       }, 30_000);
     },
@@ -124,6 +138,20 @@ export async function startEtcdCluster(n = 3): Promise<EtcdCluster> {
       } finally {
         client.close();
       }
+    },
+    async leader() {
+      const statuses = await Promise.all(members.filter((m) => m.running).map(async (m) => {
+        const client = new Etcd3({ hosts: m.clientUrl });
+        try {
+          const s = await client.maintenance.status();
+          return { member: m, id: s.header.member_id, leader: s.leader };
+        } finally {
+          client.close();
+        }
+      }));
+      const leader = statuses.find((s) => s.id === s.leader && statuses.every((o) => o.leader === s.leader));
+      if (!leader) throw new Error(`no agreed etcd leader: ${JSON.stringify(statuses.map((s) => [s.member.name, s.id, s.leader]))}`);
+      return leader.member;
     },
     async stop() {
       await stopAll();

@@ -25,11 +25,25 @@ export interface HostProcess {
   stop(): Promise<number | null>;
 }
 
-/** Starts `tarmac host` on `dataDir` with free ports and waits for its "Machines API" banner. */
-export async function startHostProcess(dataDir: string, opts: { env?: Record<string, string>; logLevel?: string; timeoutMs?: number } = {}): Promise<HostProcess> {
-  const child = spawn(process.execPath, [
-    bin, 'host', '--data-dir', dataDir, '--api-listen', '127.0.0.1:0', '--proxy-listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--no-install',
-    '--log-level', opts.logLevel ?? 'warn',
+export interface HostProcessOptions {
+  env?: Record<string, string>;
+  logLevel?: string;
+  timeoutMs?: number;
+  /** Flags instead of the default free loopback listeners (`--api-listen 127.0.0.1:0` and so on). */
+  args?: string[];
+  /** Command prefix to run the host under, e.g. `nsenter --net=/var/run/netns/NS` to put it in a network namespace. */
+  wrap?: string[];
+}
+
+/**
+ * Starts `tarmac host` on `dataDir` (free loopback ports unless `args` say otherwise) and waits for its ready banner.
+ * `apiUrl` is empty for a host without the api role.
+ */
+export async function startHostProcess(dataDir: string, opts: HostProcessOptions = {}): Promise<HostProcess> {
+  const flags = opts.args ?? ['--api-listen', '127.0.0.1:0', '--proxy-listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0'];
+  const [cmd, ...prefix] = [...(opts.wrap ?? []), process.execPath];
+  const child = spawn(cmd!, [
+    ...prefix, bin, 'host', '--data-dir', dataDir, '--no-install', '--log-level', opts.logLevel ?? 'warn', ...flags,
   ], { env: { ...process.env, TARMAC_API_TOKEN: '', ...opts.env }, stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   let exited = false;
@@ -44,12 +58,10 @@ export async function startHostProcess(dataDir: string, opts: { env?: Record<str
       reject(new Error(`host did not start within ${opts.timeoutMs ?? 60_000} ms: ${err}`));
     }, opts.timeoutMs ?? 60_000);
     const onData = () => {
-      const m = /Machines API\s+(http:\/\/\S+)\/v1/.exec(err);
-      if (m) {
-        clearTimeout(timer);
-        child.stderr!.off('data', onData);
-        resolve(m[1]!);
-      }
+      if (!err.includes('Press Ctrl-C to stop.')) return;
+      clearTimeout(timer);
+      child.stderr!.off('data', onData);
+      resolve(/Machines API\s+(http:\/\/\S+)\/v1/.exec(err)?.[1] ?? '');
     };
     child.stderr!.on('data', onData);
     void exit.then(() => {

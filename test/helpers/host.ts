@@ -26,6 +26,8 @@ export async function startTestHost(opts: { config?: HostConfigInput; dataDir?: 
   const config = parseHostConfig({
     data_dir: dataDir, api: { host: '127.0.0.1', port: 0 }, proxy: { http: { host: '127.0.0.1', port: 0 } }, metrics: { host: '127.0.0.1', port: 0 },
     install_packages: false, ...opts.config,
+    // A free port for the operator's DNS listener too (hosts of parallel tests would compete for 127.0.0.1:5353).
+    dns: { listen: { host: '127.0.0.1', port: 0 }, ...opts.config?.dns },
   });
   const env = { ...process.env };
   delete env['TARMAC_API_TOKEN'];

@@ -16,14 +16,14 @@ export interface TestRegistry {
 const registryBin = '/usr/bin/docker-registry';
 
 /** Starts a registry with filesystem storage in a temp dir; resolves once `GET /v2/` answers. */
-export async function startRegistry(opts: { port?: number } = {}): Promise<TestRegistry> {
+export async function startRegistry(opts: { port?: number; address?: string } = {}): Promise<TestRegistry> {
   const dir = await mkdtemp(join(tmpdir(), 'tarmac-registry-'));
   const storageDir = join(dir, 'data');
   let lastError = '';
   // A port picked by binding port 0 can be taken before the registry binds it: retry a few times.
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = opts.port ?? (await freePort());
-    const host = `127.0.0.1:${port}`;
+    const host = `${opts.address ?? '127.0.0.1'}:${port}`;
     const configPath = join(dir, 'config.yml');
     await writeFile(configPath, [
       'version: 0.1',

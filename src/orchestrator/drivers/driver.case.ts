@@ -132,7 +132,6 @@ export function runDriverConformance(name: string, makeDriver: () => Driver, opt
         user: '',
         hostname: id,
         netnsPath: net.netnsPath,
-        resolvConf: 'nameserver fdaa::3\n',
         hosts: `127.0.0.1\tlocalhost\n::1\tlocalhost\n${address}\t${id}\n`,
         limits: { cpus: 1, memoryMb: 64, pids: 64 },
         logPath: join(dir, 'logs', 'machine.log'),

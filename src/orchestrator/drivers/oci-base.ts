@@ -4,6 +4,7 @@ import { watch, openSync, closeSync, type FSWatcher } from 'node:fs';
 import { mkdir, writeFile, readFile, rm, access, rmdir, stat } from 'node:fs/promises';
 import { join, dirname, isAbsolute, delimiter } from 'node:path';
 import type { Driver, RunSpec, RunningMachine, ExitStatus } from '../driver.ts';
+import { privateDnsAddress } from '../../catalog/index.ts';
 import { TarmacError } from '../../shared/errors.ts';
 import type { Logger } from '../../shared/log.ts';
 import { buildOciSpec, type OciSpecOptions } from './oci-spec.ts';
@@ -145,8 +146,11 @@ export abstract class OciRuntimeDriver implements Driver {
   protected readonly root: string;
   private readonly conmonBin: string;
   private readonly tini: string;
-  /** Exit watchers of attached instances: `settle` reads the exit file once more, then resolves `exited` for good. */
-  private readonly watchers = new Map<string, Set<{ settle: () => Promise<void> }>>();
+  /**
+   * Exit watchers of attached instances: `settle` reads the exit file once more, then resolves `exited` for good;
+   * `release` stops watching without resolving (host shutdown).
+   */
+  private readonly watchers = new Map<string, Set<{ settle: () => Promise<void>; release: () => void }>>();
 
   constructor(opts: OciDriverOptions, defaults: { runtime: string; root: string }) {
     this.log = opts.log;
@@ -207,7 +211,7 @@ export abstract class OciRuntimeDriver implements Driver {
       const etcFiles = { resolvConf: join(p.etc, 'resolv.conf'), hosts: join(p.etc, 'hosts'), hostname: join(p.etc, 'hostname') };
       const config = buildOciSpec(spec, { rootfs: p.rootfs, tiniPath: this.tini, etcFiles, ...this.specOptions(spec) });
       await Promise.all([
-        writeFile(etcFiles.resolvConf, spec.resolvConf),
+        writeFile(etcFiles.resolvConf, `nameserver ${privateDnsAddress}\n`), // the host's DNS server (see network.ts)
         writeFile(etcFiles.hosts, spec.hosts),
         writeFile(etcFiles.hostname, spec.hostname + '\n'),
         writeFile(join(p.bundle, 'config.json'), JSON.stringify(config)),
@@ -326,6 +330,11 @@ export abstract class OciRuntimeDriver implements Driver {
     return m ? Number(m[1]) : 0;
   }
 
+  /** Stops watching every attached instance (host shutdown): no watcher or timer keeps the process alive. */
+  release(): void {
+    for (const set of [...this.watchers.values()]) for (const w of [...set]) w.release();
+  }
+
   /** A RunningMachine whose `exited` resolves from conmon's exit file (fs.watch, checked once after arming). */
   private attach(id: string, stateDir: string, saved: SavedState): RunningMachine {
     const containerId = saved.containerId;
@@ -354,6 +363,10 @@ export abstract class OciRuntimeDriver implements Driver {
           if (settled) return;
           const status = await this.readExit(containerId, stateDir);
           finish(status ?? { code: 137, signal: 9, oomKilled: false, exitedAt: new Date() });
+        },
+        release: () => {
+          settled = true; // nothing resolves `exited` from here on: the host is going away
+          cleanup();
         },
       };
       const check = async () => {

@@ -1,0 +1,210 @@
+// The DNS server against dig over UDP and TCP: every `.internal` form, org scoping, negative answers, truncation, EDNS, forwarding.
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { openSqliteCatalog, type Catalog } from '../catalog/index.ts';
+import { silentLogger } from '../shared/log.ts';
+import { startDnsServer, type RunningDns } from './index.ts';
+import { dig, startUpstream, writeFleet, type DigResult, type FixtureMachine } from './testing.ts';
+
+const haveDig = (() => {
+  try {
+    execFileSync('dig', ['-v'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+const sortedData = (r: DigResult) => r.answers.map((a) => a.data).sort();
+
+describe('dns server', { skip: haveDig ? false : 'dig not installed (apt-get install bind9-dnsutils)' }, () => {
+  let dir: string;
+  let catalog: Catalog;
+  let dns: RunningDns;
+  let server: { host: string; port: number };
+  let upstream: Awaited<ReturnType<typeof startUpstream>>;
+  let ips: Map<string, string>;
+
+  const machines: FixtureMachine[] = [
+    { id: 'a1', app: 'web', host: 'h-ams', region: 'ams', hostNumber: 1, number: 1, state: 'started' },
+    { id: 'a2', app: 'web', host: 'h-ams', region: 'ams', hostNumber: 1, number: 2, state: 'started', group: 'worker' },
+    { id: 'f1', app: 'web', host: 'h-fra', region: 'fra', hostNumber: 2, number: 1, state: 'started' },
+    { id: 'f2', app: 'web', host: 'h-fra', region: 'fra', hostNumber: 2, number: 2, state: 'stopped' },
+    { id: 'x1', app: 'api', host: 'h-fra', region: 'fra', hostNumber: 2, number: 3, state: 'started' },
+    ...Array.from({ length: 40 }, (_, i): FixtureMachine => ({
+      id: `b${String(i).padStart(2, '0')}`, app: 'big', host: 'h-ams', region: 'ams', hostNumber: 1, number: 100 + i, state: 'started',
+    })),
+  ];
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'tarmac-dns-'));
+    catalog = openSqliteCatalog(join(dir, 'catalog.sqlite'));
+    ips = await writeFleet(catalog, {
+      orgs: [{ slug: 'personal', network: 1 }, { slug: 'acme', network: 2 }],
+      hosts: [{ id: 'h-ams', region: 'ams', number: 1 }, { id: 'h-fra', region: 'fra', number: 2 }],
+      apps: [{ name: 'web', org: 'personal' }, { name: 'big', org: 'personal' }, { name: 'api', org: 'acme' }],
+      machines,
+    });
+    upstream = await startUpstream({ 'example.com': { A: '192.0.2.1' } });
+    dns = await startDnsServer({
+      catalog, listen: [{ host: '127.0.0.1', port: 0 }], upstreams: [{ host: upstream.host, port: upstream.port }],
+      trusted: ['127.0.0.0/8', '::1/128'], region: 'fra', log: silentLogger(),
+    });
+    server = dns.listening()[0]!;
+  });
+  after(async () => {
+    await dns?.close();
+    await upstream?.close();
+    await catalog?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  for (const transport of ['udp', 'tcp'] as const) {
+    const opt = transport === 'tcp' ? ['+tcp'] : ['+notcp'];
+
+    test(`${transport}: every name form answers from the catalog, started machines only`, async () => {
+      const [a1, a2, f1, x1] = ['a1', 'a2', 'f1', 'x1'].map((id) => ips.get(id)!);
+      const web = await dig(server, 'web.internal', 'AAAA', opt);
+      assert.equal(web.status, 'NOERROR');
+      assert.ok(web.flags.includes('aa'), 'authoritative');
+      assert.deepEqual(sortedData(web), [a1, a2, f1].sort(), 'the stopped machine f2 is left out');
+      assert.ok(web.answers.every((a) => a.ttl === 5 && a.type === 'AAAA'));
+      assert.deepEqual(sortedData(await dig(server, 'global.web.internal', 'AAAA', opt)), [a1, a2, f1].sort());
+      assert.deepEqual(sortedData(await dig(server, 'ams.web.internal', 'AAAA', opt)), [a1, a2].sort());
+      assert.deepEqual(sortedData(await dig(server, 'fra.web.internal', 'AAAA', opt)), [f1]);
+      assert.deepEqual(sortedData(await dig(server, 'a2.vm.web.internal', 'AAAA', opt)), [a2]);
+      assert.deepEqual(sortedData(await dig(server, 'worker.process.web.internal', 'AAAA', opt)), [a2]);
+      assert.deepEqual(sortedData(await dig(server, 'app.process.web.internal', 'AAAA', opt)), [a1, f1].sort());
+      // Nearest to a trusted asker is this host's region (fra) first.
+      assert.deepEqual((await dig(server, 'top1.nearest.of.web.internal', 'AAAA', opt)).answers.map((a) => a.data), [f1]);
+      assert.deepEqual((await dig(server, 'top2.nearest.of.web.internal', 'AAAA', opt)).answers.map((a) => a.data), [f1, a1]);
+      assert.equal((await dig(server, 'top9.nearest.of.web.internal', 'AAAA', opt)).answers.length, 3);
+      const txt = async (name: string) => (await dig(server, name, 'TXT', opt)).answers.map((a) => a.data);
+      assert.deepEqual(await txt('vms.web.internal'), ['"a1 ams,a2 ams,f1 fra"']);
+      assert.deepEqual(await txt('regions.web.internal'), ['"ams,fra"']);
+      assert.deepEqual(await txt('_apps.internal'), ['"api,big,web"'], 'a trusted source sees every org');
+      const instances = (await txt('_instances.internal')).join('').replace(/" "/g, '').replace(/"/g, '');
+      assert.ok(instances.startsWith(`instance=a1,app=web,ip=${a1},region=ams;instance=a2,app=web,ip=${a2},region=ams;`), instances);
+      assert.ok(instances.includes(`instance=x1,app=api,ip=${x1},region=fra`));
+      assert.equal(instances.split(';').length, 3 + 1 + 40);
+      // Case is kept in the question and matched without it.
+      const upper = await dig(server, 'WEB.Internal', 'AAAA', opt);
+      assert.equal(upper.answers.length, 3);
+      assert.match(upper.raw, /^;WEB\.Internal\.\s+IN\s+AAAA$/m, 'the question comes back as asked');
+    });
+
+    test(`${transport}: NXDOMAIN for names that do not exist, NODATA for other types, both with the SOA`, async () => {
+      for (const name of ['nope.internal', 'mars.web.internal', 'zz.vm.web.internal', 'f2.vm.web.internal', 'x.y.web.internal', 'top0.nearest.of.web.internal']) {
+        const r = await dig(server, name, 'AAAA', opt);
+        assert.equal(r.status, 'NXDOMAIN', name);
+        assert.equal(r.answers.length, 0);
+        assert.equal(r.authority[0]?.type, 'SOA', `${name} carries the SOA`);
+        assert.equal(r.authority[0]?.name, 'internal.');
+      }
+      for (const [name, type] of [['web.internal', 'A'], ['web.internal', 'TXT'], ['vms.web.internal', 'AAAA'], ['vm.web.internal', 'AAAA'], ['internal', 'AAAA']]) {
+        const r = await dig(server, name!, type!, opt);
+        assert.equal(r.status, 'NOERROR', `${name} ${type}`);
+        assert.equal(r.answers.length, 0, `${name} ${type} has no records`);
+        assert.equal(r.authority[0]?.type, 'SOA', `${name} ${type} carries the SOA`);
+      }
+      const soa = await dig(server, 'internal', 'SOA', opt);
+      assert.equal(soa.answers[0]?.type, 'SOA');
+    });
+  }
+
+  test('answers follow the catalog: a machine that starts appears, one that stops or is deleted disappears', async () => {
+    const status = catalog.getMachine('f2')!.status!;
+    const spec = catalog.getMachine('f2')!.spec;
+    await catalog.updateMachineSpec({ ...spec, desired: 'started', version: spec.version + 1 }, spec.version);
+    await catalog.putMachineStatus({ ...status, state: 'started' });
+    assert.ok(sortedData(await dig(server, 'fra.web.internal', 'AAAA')).includes(ips.get('f2')!));
+    await catalog.putMachineStatus({ ...status, state: 'stopped' });
+    assert.deepEqual(sortedData(await dig(server, 'fra.web.internal', 'AAAA')), [ips.get('f1')!]);
+    await catalog.createApp({ name: 'later', org_slug: 'acme', network: 'default', created_at: new Date().toISOString() });
+    assert.equal((await dig(server, 'later.internal', 'AAAA')).status, 'NOERROR', 'a new app exists at once (NODATA)');
+    await catalog.deleteApp('later');
+    assert.equal((await dig(server, 'later.internal', 'AAAA')).status, 'NXDOMAIN');
+  });
+
+  test('large answers: TC over UDP within the client\'s EDNS size, complete over TCP', async () => {
+    const noedns = await dig(server, 'big.internal', 'AAAA', ['+notcp', '+ignore', '+noedns']);
+    assert.ok(noedns.flags.includes('tc'), 'truncated at 512 bytes');
+    assert.equal(noedns.answers.length, 0);
+    const edns = await dig(server, 'big.internal', 'AAAA', ['+notcp', '+ignore', '+bufsize=4096']);
+    assert.ok(edns.flags.includes('tc'), 'truncated at the server\'s 1232 bytes even when the client takes more');
+    assert.match(edns.edns ?? '', /udp: 1232/);
+    const fits = await dig(server, 'web.internal', 'AAAA', ['+notcp', '+ignore', '+noedns']);
+    assert.ok(!fits.flags.includes('tc'), 'small answers are not truncated');
+    const retried = await dig(server, 'big.internal', 'AAAA'); // dig retries over TCP on TC
+    assert.equal(retried.answers.length, 40);
+    assert.equal((await dig(server, 'big.internal', 'AAAA', ['+tcp'])).answers.length, 40);
+  });
+
+  test('EDNS: OPT echoed with the server\'s size and the DO bit, none without it, BADVERS for version 1', async () => {
+    assert.match((await dig(server, 'web.internal', 'AAAA')).edns ?? '', /^; EDNS: version: 0, flags:; udp: 1232$/);
+    assert.match((await dig(server, 'web.internal', 'AAAA', ['+dnssec'])).edns ?? '', /flags: do; udp: 1232/);
+    assert.equal((await dig(server, 'web.internal', 'AAAA', ['+noedns'])).edns, undefined);
+    assert.match((await dig(server, 'nope.internal', 'AAAA')).edns ?? '', /udp: 1232/, 'negative answers carry OPT too');
+    const v1 = await dig(server, 'web.internal', 'AAAA', ['+edns=1', '+noednsneg']);
+    assert.equal(v1.status, 'BADVERS');
+  });
+
+  test('other names are forwarded to the upstream over UDP and TCP; no upstream answering is SERVFAIL', async () => {
+    const before = upstream.queries;
+    for (const opt of ['+notcp', '+tcp']) {
+      const r = await dig(server, 'example.com', 'A', [opt]);
+      assert.equal(r.status, 'NOERROR');
+      assert.deepEqual(r.answers.map((a) => a.data), ['192.0.2.1']);
+      assert.equal((await dig(server, 'unknown.example', 'A', [opt])).status, 'NXDOMAIN', 'the upstream\'s own NXDOMAIN is passed on');
+    }
+    assert.equal(upstream.queries - before, 4);
+    const dead = await startDnsServer({
+      catalog, listen: [{ host: '127.0.0.1', port: 0 }], upstreams: [{ host: '127.0.0.1', port: 9 }], trusted: ['127.0.0.1'],
+      region: 'fra', log: silentLogger(), forwardTimeoutMs: 300,
+    });
+    try {
+      assert.equal((await dig(dead.listening()[0]!, 'example.com', 'A')).status, 'SERVFAIL');
+      assert.equal((await dig(dead.listening()[0]!, 'web.internal', 'AAAA')).answers.length, 3, 'internal names need no upstream');
+    } finally {
+      await dead.close();
+    }
+  });
+
+  test('a source that is neither trusted nor a machine of a known org is refused', async () => {
+    const closed = await startDnsServer({ catalog, listen: [{ host: '127.0.0.1', port: 0 }], upstreams: [], trusted: [], region: 'fra', log: silentLogger() });
+    try {
+      assert.equal((await dig(closed.listening()[0]!, 'web.internal', 'AAAA')).status, 'REFUSED');
+      assert.equal((await dig(closed.listening()[0]!, 'example.com', 'A')).status, 'REFUSED', 'no open resolver');
+    } finally {
+      await closed.close();
+    }
+  });
+
+  test('a machine sees only its own org\'s names, nearest to its own region', { skip: process.getuid?.() === 0 ? false : 'needs root to add a private address to lo' }, async () => {
+    // The acme machine x1's address on lo for the length of the test: queries from it are queries from x1.
+    const x1 = ips.get('x1')!;
+    execFileSync('ip', ['addr', 'add', `${x1}/128`, 'dev', 'lo', 'nodad']);
+    const scoped = await startDnsServer({ catalog, listen: [{ host: x1, port: 0 }], upstreams: [], trusted: [], region: 'ams', log: silentLogger() });
+    try {
+      const at = scoped.listening()[0]!;
+      const from = ['-b', x1];
+      assert.deepEqual(sortedData(await dig(at, 'api.internal', 'AAAA', from)), [x1]);
+      assert.equal((await dig(at, 'web.internal', 'AAAA', from)).status, 'NXDOMAIN', 'another org\'s app does not exist for it');
+      assert.deepEqual((await dig(at, '_apps.internal', 'TXT', from)).answers.map((a) => a.data), ['"api"']);
+      const inst = (await dig(at, '_instances.internal', 'TXT', ['-b', x1, '+tcp'])).answers.map((a) => a.data);
+      assert.deepEqual(inst, [`"instance=x1,app=api,ip=${x1},region=fra"`]);
+      // x1 is in fra while this server's host is in ams: nearest is by the asker's region.
+      await catalog.createMachine({ ...catalog.getMachine('x1')!.spec, id: 'x2', name: 'x2', region: 'ams', host_id: 'h-ams', private_ip: 'fdaa:0:2:0:1:0:99:2', instance_id: 'inst-x2' }, []);
+      await catalog.putMachineStatus({ ...catalog.getMachine('x1')!.status!, id: 'x2', instance_id: 'inst-x2' });
+      assert.deepEqual((await dig(at, 'top1.nearest.of.api.internal', 'AAAA', from)).answers.map((a) => a.data), [x1]);
+      assert.deepEqual((await dig(at, 'top2.nearest.of.api.internal', 'AAAA', from)).answers.map((a) => a.data), [x1, 'fdaa:0:2:0:1:0:99:2']);
+    } finally {
+      await scoped.close();
+      execFileSync('ip', ['addr', 'del', `${x1}/128`, 'dev', 'lo']);
+    }
+  });
+});

@@ -1,0 +1,103 @@
+// The mesh agent: keeps the host's WireGuard peers and mesh firewall equal to the catalog, on every host or org change.
+import { privateDnsAddress, type CatalogReader, type Host } from '../catalog/index.ts';
+import type { Logger } from '../shared/log.ts';
+import { renderWireguardConfig, type WireguardPeer } from './config.ts';
+import { meshRuleset } from './firewall.ts';
+import { applyConfig, run } from './wireguard.ts';
+
+export interface AgentOptions {
+  catalog: CatalogReader;
+  hostId: string;
+  hostNumber: number;
+  ifname: string;
+  /** Where the applied WireGuard config is written for `wg syncconf`. */
+  stateDir: string;
+  privateKey: string;
+  listenPort: number;
+  firewall: { table: string; set: string };
+  wrap: readonly string[];
+  log: Logger;
+}
+
+/** The peer entry of another host, or undefined for a host without a mesh. */
+function hostPeer(h: Host): WireguardPeer | undefined {
+  if (!h.mesh) return undefined;
+  return { publicKey: h.mesh.public_key, endpoint: h.mesh.endpoint, allowedIps: [...h.mesh.prefixes] };
+}
+
+/** Runs reconciliations one at a time; a change during one schedules exactly one more. Failures retry after a second. */
+export class MeshAgent {
+  readonly #o: AgentOptions;
+  #applied = { wireguard: '', firewall: '' };
+  #running: Promise<void> | undefined;
+  #dirty = false;
+  #closed = false;
+  #retry: NodeJS.Timeout | undefined;
+  #unsubscribe: () => void = () => {};
+
+  constructor(o: AgentOptions) {
+    this.#o = o;
+  }
+
+  /** Applies the catalog once (failing loudly), then follows its changes. */
+  async start(): Promise<void> {
+    await this.#apply();
+    this.#unsubscribe = this.#o.catalog.subscribe((batch) => {
+      if (batch.changes.some((c) => c.kind === 'host' || c.kind === 'org')) void this.kick();
+    });
+    await this.kick(); // whatever changed in between
+  }
+
+  /** Schedules a reconciliation; resolves when the catalog as it is now has been applied (or failed to). */
+  kick(): Promise<void> {
+    this.#dirty = true;
+    this.#running ??= this.#loop().finally(() => (this.#running = undefined));
+    return this.#running;
+  }
+
+  async #loop(): Promise<void> {
+    while (this.#dirty && !this.#closed) {
+      this.#dirty = false;
+      try {
+        await this.#apply();
+      } catch (e) {
+        this.#o.log.error({ err: e }, 'mesh reconcile failed; retrying in 1 s');
+        clearTimeout(this.#retry);
+        this.#retry = setTimeout(() => void this.kick(), 1000);
+        return;
+      }
+    }
+  }
+
+  async #apply(): Promise<void> {
+    const { catalog, hostId } = this.#o;
+    const orgs = catalog.listOrgs();
+    const operators = orgs.flatMap((o) => (o.wireguard_peers ?? []).filter((p) => p.gateway === hostId).map((p) => ({ ...p, network: o.network_id })));
+    const peers = [
+      ...catalog.listHosts().filter((h) => h.id !== hostId).flatMap((h) => hostPeer(h) ?? []),
+      // An operator's device calls in (no endpoint) and may send only from its own address.
+      ...operators.map((p) => ({ publicKey: p.public_key, allowedIps: [`${p.address}/128`] })),
+    ];
+    const wireguard = renderWireguardConfig({ privateKey: this.#o.privateKey, listenPort: this.#o.listenPort, peers });
+    const firewall = meshRuleset({
+      ifname: this.#o.ifname, hostNumber: this.#o.hostNumber, firewall: this.#o.firewall, dnsAddress: privateDnsAddress,
+      networks: orgs.map((o) => o.network_id), operators: operators.map((p) => ({ address: p.address, network: p.network })),
+    });
+    if (firewall !== this.#applied.firewall) {
+      await run(this.#o.wrap, 'nft', ['-f', '-'], firewall);
+      this.#applied.firewall = firewall;
+    }
+    if (wireguard !== this.#applied.wireguard) {
+      await applyConfig(this.#o, wireguard);
+      this.#applied.wireguard = wireguard;
+      this.#o.log.info({ peers: peers.length }, 'mesh peers applied');
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#unsubscribe();
+    clearTimeout(this.#retry);
+    await this.#running;
+  }
+}
