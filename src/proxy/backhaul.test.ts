@@ -1,5 +1,5 @@
 // Backhaul and routing headers against real sockets: an edge proxy forwarding to a worker's proxy over its backhaul
-// listener, Fly-Force-Instance-Id and Fly-Prefer-Region, with node:http servers playing machines.
+// listener, Fly-Force-Instance-Id, Fly-Prefer-Region and fly-replay, with node:http servers playing machines.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
@@ -205,4 +205,56 @@ test('gRPC crosses the backhaul: HTTP/2 from the client, h2c from the edge to th
   assert.equal(seen.length, 3);
   assert.equal(seen[0]!.get('fly-force-instance-id').length, 0, 'the backhaul instruction is not passed to the machine');
   assert.equal(seen[0]!.get('x-forwarded-proto')[0], 'https', 'the edge\'s forwarding headers reach the machine');
+});
+
+test('fly-replay: a machine sends a request on to a region, an instance or any other machine; the target learns where from', async (t) => {
+  const catalog = await tempCatalog(t);
+  await createApp(catalog, 'rep');
+  const seen: Seen[] = [];
+  /** A machine that answers `fly-replay: <value of ?replay=>` when asked to, else its name. */
+  const replaying = async (name: string): Promise<number> => {
+    const server: Server = createServer((req, res) => {
+      seen.push({ machine: name, headers: req.headers });
+      const want = new URL(req.url ?? '/', 'http://x').searchParams.get(`replay-${name}`);
+      if (want !== null) res.writeHead(409, { 'fly-replay': want }).end('replay me');
+      else res.end(name);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    t.after(() => new Promise<void>((resolve) => {
+      server.closeAllConnections();
+      server.close(() => resolve());
+    }));
+    return (server.address() as AddressInfo).port;
+  };
+  const ams = await startedMachine(catalog, 'rep', httpService(await replaying('ams')), { region: 'ams' });
+  const ord = await startedMachine(catalog, 'rep', httpService(await replaying('ord')), { region: 'ord' });
+  const proxy = await proxyFor(t, catalog, {}, {}, { region: 'ams' });
+  const at = (query: string) => request(`http://127.0.0.1:${proxy.address.port}/?${query}`, { headers: { host: 'rep.localhost' } })
+    .then(async (r) => ({ status: r.statusCode, body: await r.body.text(), headers: r.headers }));
+
+  // The proxy's region (ams) serves first; that machine replays to ord, whose answer the client gets.
+  seen.length = 0;
+  const toRegion = await at('replay-ams=region%3Dord%3Bstate%3Dcart-42');
+  assert.equal(toRegion.status, 200);
+  assert.equal(toRegion.body, 'ord');
+  assert.equal(toRegion.headers['fly-replay'], undefined, 'the replay instruction is not relayed to the client');
+  const src = String(seen.find((s) => s.machine === 'ord')?.headers['fly-replay-src']);
+  assert.match(src, new RegExp(`^instance=${ams};region=ams;t=\\d+;state=cart-42$`), 'the target learns where the request was replayed from');
+  // By instance, and elsewhere.
+  assert.equal((await at(`replay-ams=instance%3D${ord}`)).body, 'ord');
+  assert.equal((await at('replay-ams=elsewhere%3Dtrue')).body, 'ord');
+  // A replay to a region with no machine: a clear 503.
+  const nowhere = await at('replay-ams=region%3Dsyd');
+  assert.equal(nowhere.status, 503);
+  assert.equal(nowhere.headers['tarmac-proxy-error'], 'no_machine');
+  assert.match(nowhere.body, /region syd/);
+  // Machines replaying back and forth end after a few replays, with the last machine's own answer.
+  const loop = await at('replay-ams=instance%3D' + ord + `&replay-ord=instance%3D${ams}`);
+  assert.equal(loop.status, 409);
+  assert.equal(loop.body, 'replay me');
+  // A request with a body is never replayed (its body is on its way to the first machine): its answer is relayed.
+  const posted = await request(`http://127.0.0.1:${proxy.address.port}/?replay-ams=region%3Dord`, { method: 'POST', body: 'data', headers: { host: 'rep.localhost' } });
+  assert.equal(posted.statusCode, 409);
+  assert.equal(posted.headers['fly-replay'], 'region=ord');
+  await posted.body.text();
 });

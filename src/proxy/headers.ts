@@ -153,14 +153,21 @@ export function addForwarding(headers: string[], clientIp: string, forwardedFor:
 
 const noneProtected: ReadonlySet<string> = new Set(['content-length']);
 
-/** A machine's response headers as a flat string array for `writeHead`, hop-by-hop removed, the proxy's added. */
-export function responseHeaders(raw: readonly Buffer[], requestId: string): string[] {
+/**
+ * A machine's response headers as a flat string array for `writeHead`, hop-by-hop removed, the proxy's added. With
+ * `replay`, a `fly-replay` header is taken out into it (the proxy replays the request instead of relaying this).
+ */
+export function responseHeaders(raw: readonly Buffer[], requestId: string, replay?: { value: string | undefined }): string[] {
   const out: string[] = [];
   let connection: string | undefined;
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!.toString('latin1');
     const lower = name.toLowerCase();
     if (lower === 'fly-request-id') continue; // the proxy's own id is added below (a backhaul hop sends the same one)
+    if (replay !== undefined && lower === 'fly-replay') {
+      replay.value = raw[i + 1]!.toString('latin1'); // acted on by the proxy, not relayed
+      continue;
+    }
     if (hopByHop.has(lower)) {
       if (lower === 'connection') {
         const value = raw[i + 1]!.toString('latin1');

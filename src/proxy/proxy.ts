@@ -21,6 +21,7 @@ import { H2Exchange, H2Sessions } from './h2-backend.ts';
 import { h2RequestHead } from './h2-request.ts';
 import { BackhaulListener } from './backhaul.ts';
 import { closeSoon } from './tcp.ts';
+import { maxReplays, parseReplay, replaySource, replayTarget, type Replay } from './replay.ts';
 import { TlsListener } from './tls.ts';
 import { PortListeners } from './listeners.ts';
 
@@ -169,6 +170,8 @@ class ClientClosedError extends Error {
   readonly code = 'TARMAC_CLIENT_CLOSED';
 }
 const clientClosed = new ClientClosedError('the client closed the connection');
+/** Ends a machine's response that asked for a replay (fly-replay): the request went on to another machine. */
+const replayed = new ClientClosedError('the request was replayed to another machine');
 
 /** A response class with the per-request state the proxy needs added, so listeners can be shared functions. */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the mixin pattern needs a constructor of any arguments
@@ -224,6 +227,36 @@ class Exchange implements Dispatcher.DispatchHandler {
     readonly hasBody: boolean,
   ) {}
 
+  /** Replays this request already went through (fly-replay). */
+  replays = 0;
+
+  /** Sends the request on to the machine a `fly-replay` value names; false when it names none (the response is relayed). */
+  #replay(value: string): boolean {
+    const r = parseReplay(value);
+    if (r === undefined) return false;
+    const { proxy, res } = this;
+    const from = this.backend;
+    const next = proxy.pickReplay(this.app, r, from);
+    this.done = true;
+    this.abort?.(replayed);
+    proxy.release(from);
+    if (next === undefined) {
+      res.errorCode = 'no_machine';
+      const target = r.instance !== undefined ? `machine ${r.instance}` : r.region !== undefined ? `machine in region ${r.region}` : 'other machine';
+      sendProxyError(res, 'no_machine', `the app asked to replay the request (fly-replay) but no ${target} of app ${this.app} can take it`, res.requestId);
+      return true;
+    }
+    const headers = this.headers.filter((_, i, all) => (i % 2 === 0 ? all[i] : all[i - 1])!.toLowerCase() !== 'fly-replay-src');
+    headers.push('fly-replay-src', replaySource(from, r));
+    const ex = next.h2 ? new H2Exchange(proxy, this.req, res, this.app, next, this.path, headers, false)
+      : new Exchange(proxy, this.req, res, this.app, next, this.path, headers, false);
+    if (ex instanceof Exchange) ex.replays = this.replays + 1;
+    ex.attempts = this.attempts;
+    res.exchange = ex;
+    ex.send();
+    return true;
+  }
+
   send(): void {
     this.attempts++;
     this.connected = false;
@@ -248,7 +281,11 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (this.done) return false;
     this.resume = resume;
     const res = this.res;
-    const headers = responseHeaders(rawHeaders, res.requestId);
+    // fly-replay is acted on by the proxy that chose the machine (not a worker delivering backhaul), for requests
+    // without a body (nothing of it is consumed yet), a few times at most.
+    const replay = !this.hasBody && this.replays < maxReplays && res.want?.local !== true ? { value: undefined as string | undefined } : undefined;
+    const headers = responseHeaders(rawHeaders, res.requestId, replay);
+    if (replay?.value !== undefined && this.#replay(replay.value)) return false;
     if (this.proxy.closing && res instanceof ProxyResponse) res.shouldKeepAlive = false;
     try {
       // HTTP/2 has no reason phrase.
@@ -767,6 +804,14 @@ class HttpProxy implements RunningProxy {
   /** True when `b` was autostarted moments ago and a refused connection to it is tried again later (`again`). */
   retryWarming(b: Backend, again: () => void): boolean {
     return this.#autostart !== undefined && !this.closing && this.#autostart.retryWarming(b, again);
+  }
+
+  /** The machine a fly-replay sends a request to, acquired (counted) when found. */
+  pickReplay(app: string, r: Replay, from: Backend): Backend | undefined {
+    const route = this.#table.apps.get(app);
+    const b = route === undefined ? undefined : replayTarget(route.backends, r, from);
+    if (b !== undefined) b.inflight++;
+    return b;
   }
 
   /** Gives back a backend's slot; a request of its app waiting in the queue may take it. */
