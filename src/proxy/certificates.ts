@@ -80,6 +80,9 @@ export interface CertificateIndexOptions {
   log: Logger;
 }
 
+/** How long a self-signed context is served before its file is looked at again (and renewed when near expiry). */
+const selfSignedRecheckMs = 24 * 3600_000;
+
 /**
  * Custom certificates by host name, loaded at start and kept current from catalog changes: `appOf` maps a custom host
  * name to its app for routing, `contextFor` picks the SecureContext for an SNI name (custom exact, then wildcard, then
@@ -89,7 +92,7 @@ export interface CertificateIndexOptions {
 export class CertificateIndex {
   readonly #byName = new Map<string, Certificate>();
   readonly #contexts = new Map<string, SecureContext>();
-  readonly #selfSigned = new Map<string, Promise<SecureContext>>();
+  readonly #selfSigned = new Map<string, { context: Promise<SecureContext>; until: number }>();
   readonly #suffix: string;
   readonly #dir: string | undefined;
   readonly #log: Logger;
@@ -180,15 +183,15 @@ export class CertificateIndex {
   }
 
   #selfSignedContext(name: string): Promise<SecureContext> {
-    let p = this.#selfSigned.get(name);
-    if (p === undefined) {
-      p = this.#loadOrMake(name, [name]).then((pem) => createSecureContext({ ...pem, minVersion: tlsMinVersion }));
-      p.catch((err: unknown) => {
-        this.#selfSigned.delete(name);
-        this.#log.error({ hostname: name, err: errorMessage(err) }, 'self-signed certificate could not be made');
-      });
-      this.#selfSigned.set(name, p);
-    }
+    const cached = this.#selfSigned.get(name);
+    if (cached !== undefined && cached.until > Date.now()) return cached.context;
+    // Looked at again daily: #loadOrMake replaces a certificate near its expiry, so a long-running proxy renews it.
+    const p = this.#loadOrMake(name, [name]).then((pem) => createSecureContext({ ...pem, minVersion: tlsMinVersion }));
+    p.catch((err: unknown) => {
+      if (this.#selfSigned.get(name)?.context === p) this.#selfSigned.delete(name);
+      this.#log.error({ hostname: name, err: errorMessage(err) }, 'self-signed certificate could not be made');
+    });
+    this.#selfSigned.set(name, { context: p, until: Date.now() + selfSignedRecheckMs });
     return p;
   }
 
