@@ -561,6 +561,10 @@ class HostLease implements EtcdHostRegistration {
     });
     try {
       const id = await lease.grant();
+      if (this.#closed) { // closed while the grant was on its way: no keepalive may outlive the host
+        lease.release();
+        return;
+      }
       await this.#put(id);
     } catch (e) {
       lease.release();
@@ -570,6 +574,7 @@ class HostLease implements EtcdHostRegistration {
 
   #scheduleRetry(ms: number): void {
     clearTimeout(this.#retry);
+    if (this.#closed) return;
     this.#retry = setTimeout(() => {
       if (this.#closed) return;
       this.#lease?.release();
@@ -578,6 +583,7 @@ class HostLease implements EtcdHostRegistration {
         () => this.#scheduleRetry(Math.min(ms * 2, 5_000)),
       );
     }, ms);
+    this.#retry.unref(); // a registration waiting for etcd never keeps the process alive by itself
   }
 
   async #put(leaseId: string): Promise<void> {
@@ -616,7 +622,9 @@ class HostLease implements EtcdHostRegistration {
     const lease = this.#lease;
     this.#lease = undefined;
     if (!lease) return;
-    // Revoking deletes the row; if etcd is unreachable the lease simply expires after its TTL.
-    await Promise.race([lease.revoke().catch(() => lease.release()), new Promise((r) => setTimeout(r, 3_000).unref())]);
+    // Revoking deletes the row; if etcd is unreachable the lease simply expires after its TTL. Either way its keepalive
+    // stops here, so nothing of the registration keeps the process alive.
+    await Promise.race([lease.revoke().catch(() => undefined), new Promise((r) => setTimeout(r, 3_000).unref())]);
+    lease.release();
   }
 }
