@@ -44,6 +44,20 @@ export interface InterfaceOptions {
 }
 
 /**
+ * Turns IPv6 forwarding on without losing router advertisements: with forwarding on, the kernel ignores RAs on every
+ * interface whose accept_ra is 1, so an uplink configured by SLAAC would lose its default route when the RA lifetime
+ * ends. Those interfaces (and the default for new ones) get accept_ra=2 first: accept RAs even when forwarding.
+ */
+const enableForwarding = [
+  'for f in /proc/sys/net/ipv6/conf/*/accept_ra; do',
+  '  i=${f%/accept_ra}; i=${i##*/}',
+  '  case "$i" in all|lo|tm*) continue ;; esac',
+  '  [ "$(cat "$f")" = 1 ] && echo 2 > "$f"',
+  'done',
+  'sysctl -qw net.ipv6.conf.all.forwarding=1',
+].join('\n');
+
+/**
  * Makes sure `ifname` exists, is up, holds the host's mesh address and carries fdaa::/16 (every other host's
  * machines, in machine form: the firewall rewrites them on the way out), with IPv6 forwarding on. An interface left
  * by an earlier run of the host (wireguard-go keeps running, like machines) is reused. Returns the implementation.
@@ -61,7 +75,7 @@ export async function ensureInterface(o: InterfaceOptions): Promise<'kernel' | '
     `addr replace ${hostMeshAddress(o.hostNumber)}/128 dev ${o.ifname} nodad`,
     `route replace fdaa::/16 dev ${o.ifname}`,
   ].join('\n') + '\n');
-  await run(o.wrap, 'sysctl', ['-qw', 'net.ipv6.conf.all.forwarding=1']);
+  await run(o.wrap, 'sh', ['-c', enableForwarding]);
   o.log.info({ interface: o.ifname, implementation: kind }, 'mesh interface ready');
   return kind;
 }
