@@ -155,7 +155,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     const metrics = await listenMetrics(config.metrics, proxy !== undefined && config.proxy.workers > 1);
     closers.push(() => new Promise<void>((r) => metrics.close(() => r())));
     const m = metrics.address() as AddressInfo;
-    const metricsUrl = `http://${m.family === 'IPv6' ? `[${m.address}]` : m.address}:${m.port}/metrics`;
+    const metricsUrl = `http://${formatHostPort({ host: m.address, port: m.port })}/metrics`;
     log.info({ api: api?.url, proxy: proxy?.address, metrics: metricsUrl }, 'host ready');
     return { config, hostId, adminToken, apiUrl: api?.url, proxy, metricsUrl, catalog, orchestrator, dns, acme, close };
   } catch (e) {

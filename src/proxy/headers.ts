@@ -196,10 +196,14 @@ function stripConnectionListed(headers: string[], connection: string, keep: Read
     if (t === '' || t === 'close' || t === 'keep-alive' || hopByHop.has(t) || keep.has(t)) continue;
     (listed ??= new Set()).add(t);
   }
-  if (!listed) return headers;
+  return listed ? withoutHeaders(headers, listed) : headers;
+}
+
+/** A flat [name, value, …] header array without the fields whose lowercase name is in `names`. */
+export function withoutHeaders(headers: readonly string[], names: ReadonlySet<string>): string[] {
   const out: string[] = [];
   for (let i = 0; i < headers.length; i += 2) {
-    if (!listed.has(headers[i]!.toLowerCase())) out.push(headers[i]!, headers[i + 1]!);
+    if (!names.has(headers[i]!.toLowerCase())) out.push(headers[i]!, headers[i + 1]!);
   }
   return out;
 }

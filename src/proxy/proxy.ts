@@ -12,7 +12,7 @@ import type { ChangeBatch } from '../catalog/index.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import type { Logger } from '../shared/log.ts';
 import { type ProxyErrorCode, sendClientError, sendProxyError, writeHeadRaw } from './errors.ts';
-import { addForwarding, clientAddress, type ForwardingConstants, hopByHop, readRequestHead, type RequestHead, responseHeaders } from './headers.ts';
+import { addForwarding, clientAddress, type ForwardingConstants, hopByHop, readRequestHead, type RequestHead, responseHeaders, withoutHeaders } from './headers.ts';
 import { Autostarter, type AutostartOptions } from './autostart.ts';
 import { type AppRoute, type Backend, RouteIndex, type RouteSource, type RoutingTable } from './routing.ts';
 import { CertificateIndex } from './certificates.ts';
@@ -172,6 +172,8 @@ class ClientClosedError extends Error {
 const clientClosed = new ClientClosedError('the client closed the connection');
 /** Ends a machine's response that asked for a replay (fly-replay): the request went on to another machine. */
 const replayed = new ClientClosedError('the request was replayed to another machine');
+/** The header a replayed request carries (replaced on each replay). */
+const replaySourceHeader: ReadonlySet<string> = new Set(['fly-replay-src']);
 
 /** A response class with the per-request state the proxy needs added, so listeners can be shared functions. */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the mixin pattern needs a constructor of any arguments
@@ -246,10 +248,9 @@ class Exchange implements Dispatcher.DispatchHandler {
       sendProxyError(res, 'no_machine', `the app asked to replay the request (fly-replay) but no ${target} of app ${this.app} can take it`, res.requestId);
       return true;
     }
-    const headers = this.headers.filter((_, i, all) => (i % 2 === 0 ? all[i] : all[i - 1])!.toLowerCase() !== 'fly-replay-src');
+    const headers = withoutHeaders(this.headers, replaySourceHeader);
     headers.push('fly-replay-src', replaySource(from, r));
-    const ex = next.h2 ? new H2Exchange(proxy, this.req, res, this.app, next, this.path, headers, false)
-      : new Exchange(proxy, this.req, res, this.app, next, this.path, headers, false);
+    const ex = newExchange(proxy, this.req, res, this.app, next, this.path, headers, false);
     if (ex instanceof Exchange) ex.replays = this.replays + 1;
     ex.attempts = this.attempts;
     res.exchange = ex;
@@ -1220,9 +1221,16 @@ function onResponseDrain(this: ProxyRes): void {
 
 /** Forwards a request to `b` (already counted in its `inflight`). */
 function startExchange(proxy: HttpProxy, req: ProxyReq, res: ProxyRes, app: string, b: Backend, path: string, head: RequestHead): void {
-  const ex = b.h2 ? new H2Exchange(proxy, req, res, app, b, path, head.headers, head.hasBody) : new Exchange(proxy, req, res, app, b, path, head.headers, head.hasBody);
+  const ex = newExchange(proxy, req, res, app, b, path, head.headers, head.hasBody);
   res.exchange = ex;
   ex.send();
+}
+
+/** The exchange that forwards a request to `b`: h2c for a machine that speaks it, HTTP/1.1 otherwise. */
+function newExchange(
+  proxy: HttpProxy, req: ProxyReq, res: ProxyRes, app: string, b: Backend, path: string, headers: string[], hasBody: boolean,
+): Exchange | H2Exchange {
+  return b.h2 ? new H2Exchange(proxy, req, res, app, b, path, headers, hasBody) : new Exchange(proxy, req, res, app, b, path, headers, hasBody);
 }
 
 /** Listens on `at`; a failure names what could not listen and where. */
