@@ -4,16 +4,12 @@ import assert from 'node:assert/strict';
 import { startRegistry, type TestRegistry } from './helpers/registry.ts';
 import { buildAndPushImage } from './helpers/images.ts';
 import { startTestHost, type TestHost } from './helpers/host.ts';
-import { haveCommand } from './helpers/rootfs.ts';
+import { missingPrerequisites } from './helpers/rootfs.ts';
 import { waitFor } from './helpers/wait.ts';
 import { dig } from '../src/dns/testing.ts';
 import { privateDnsAddress } from '../src/catalog/index.ts';
 
-function whyNot(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root (namespaces, nftables)';
-  const missing = ['runc', 'conmon', 'nft', 'umoci', 'skopeo', 'dig'].filter((c) => !haveCommand(c));
-  return missing.length ? `not installed: ${missing.join(', ')}` : false;
-}
+const whyNot = () => missingPrerequisites('namespaces, nftables', ['runc', 'conmon', 'nft', 'umoci', 'skopeo', 'dig']);
 
 /** Resolves $NAME with the machine's resolver (busybox nslookup reads /etc/resolv.conf) until $EXPECT shows, then logs it. */
 const resolveScript = [

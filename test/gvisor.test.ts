@@ -2,26 +2,15 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile, readdir, access } from 'node:fs/promises';
-import { execFileSync } from 'node:child_process';
 import { request } from 'undici';
 import { startRegistry, type TestRegistry } from './helpers/registry.ts';
 import { buildAndPushImage } from './helpers/images.ts';
 import { startTestHost, mounts, type TestHost } from './helpers/host.ts';
-import { haveCommand } from './helpers/rootfs.ts';
+import { missingPrerequisites } from './helpers/rootfs.ts';
 import { waitFor } from './helpers/wait.ts';
 import type { MachineConfig } from '../src/client/index.ts';
 
-function whyNot(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root (namespaces, mounts, cgroups)';
-  const missing = ['runsc', 'runc', 'conmon', 'umoci', 'skopeo'].filter((c) => !haveCommand(c));
-  if (missing.length) return `not installed: ${missing.join(', ')}`;
-  try {
-    execFileSync('runsc', ['--version'], { stdio: 'ignore' });
-  } catch {
-    return 'runsc does not run on this host';
-  }
-  return false;
-}
+const whyNot = () => missingPrerequisites('namespaces, mounts, cgroups', ['runsc', 'runc', 'conmon', 'umoci', 'skopeo']);
 
 const exists = (p: string) => access(p).then(() => true, () => false);
 const hostKernel = (await readFile('/proc/version', 'utf8')).trim();

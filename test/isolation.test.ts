@@ -11,18 +11,14 @@ import { request } from 'undici';
 import { startRegistry, type TestRegistry } from './helpers/registry.ts';
 import { buildAndPushImage } from './helpers/images.ts';
 import { startTestHost, type TestHost } from './helpers/host.ts';
-import { haveCommand } from './helpers/rootfs.ts';
+import { haveCommand, missingPrerequisites } from './helpers/rootfs.ts';
 import { waitFor } from './helpers/wait.ts';
 import type { MachineResponse as Machine, MachineConfig } from '../src/client/index.ts';
 import { netnsName, hostIfName, FIREWALL_TABLE } from '../src/orchestrator/network.ts';
 
 const exec = promisify(execFile);
 
-function whyNot(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root (namespaces, nftables)';
-  const missing = ['runc', 'conmon', 'nft', 'nsenter', 'umoci', 'skopeo'].filter((c) => !haveCommand(c));
-  return missing.length ? `not installed: ${missing.join(', ')}` : false;
-}
+const whyNot = () => missingPrerequisites('namespaces, nftables', ['runc', 'conmon', 'nft', 'nsenter', 'umoci', 'skopeo']);
 const haveRunsc = haveCommand('runsc');
 
 const exists = (p: string) => access(p).then(() => true, () => false);

@@ -20,17 +20,13 @@ import { startRegistry } from './helpers/registry.ts';
 import { buildAndPushImage, httpImage } from './helpers/images.ts';
 import { machineDebris, removeDebris, startHostProcess, type HostProcess } from './helpers/host-process.ts';
 import { createLan, type LanHost } from './helpers/netns.ts';
-import { haveCommand } from './helpers/rootfs.ts';
+import { missingPrerequisites } from './helpers/rootfs.ts';
 import { waitFor } from './helpers/wait.ts';
 
 const run = promisify(execFile);
 const ttlSeconds = 3;
 
-function whyNot(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root (namespaces, nftables, WireGuard)';
-  const missing = ['runc', 'conmon', 'nft', 'nsenter', 'umoci', 'skopeo', 'wg', 'wireguard-go', 'etcd'].filter((c) => !haveCommand(c));
-  return missing.length ? `not installed: ${missing.join(', ')}` : false;
-}
+const whyNot = () => missingPrerequisites('namespaces, nftables, WireGuard', ['runc', 'conmon', 'nft', 'nsenter', 'umoci', 'skopeo', 'wg', 'wireguard-go', 'etcd']);
 
 /**
  * The prober's command: resolve $SAME (an `.internal` name) with the machine's own resolver (busybox nslookup reads

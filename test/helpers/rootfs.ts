@@ -22,6 +22,23 @@ export async function makeBusyboxRootfs(dir: string, files: Record<string, strin
   return dir;
 }
 
+/**
+ * Why a test that needs root (for `rootFor`) and `commands` on PATH cannot run here, for its `skip`; undefined when it
+ * can. With runsc among the commands, runsc must also run on this host.
+ */
+export function missingPrerequisites(rootFor: string, commands: readonly string[]): string | undefined {
+  if (process.getuid?.() !== 0) return `needs root (${rootFor})`;
+  const missing = commands.filter((c) => !haveCommand(c));
+  if (missing.length) return `not installed: ${missing.join(', ')}`;
+  if (!commands.includes('runsc')) return undefined;
+  try {
+    execFileSync('runsc', ['--version'], { stdio: 'ignore' });
+    return undefined;
+  } catch {
+    return 'runsc does not run on this host';
+  }
+}
+
 /** True when the command exists on PATH. */
 export function haveCommand(cmd: string): boolean {
   try {

@@ -2,15 +2,14 @@
 import { after } from 'node:test';
 import { rm, access } from 'node:fs/promises';
 import { silentLogger } from '../../shared/log.ts';
-import { haveCommand } from '../../../test/helpers/rootfs.ts';
+import { missingPrerequisites } from '../../../test/helpers/rootfs.ts';
 import { OciDriver } from './runc.ts';
 import { runDriverConformance } from './driver.case.ts';
 
 const root = `/run/tarmac/test-runc-${process.pid}`;
 after(() => rm(root, { recursive: true, force: true }));
 
-const missing = ['runc', 'conmon', 'ip', 'nsenter'].filter((c) => !haveCommand(c));
-const skip = process.getuid?.() !== 0 ? 'needs root (namespaces, mounts, cgroups)' : missing.length ? `not installed: ${missing.join(', ')}` : undefined;
+const skip = missingPrerequisites('namespaces, mounts, cgroups', ['runc', 'conmon', 'ip', 'nsenter']);
 
 runDriverConformance('runc', () => new OciDriver({ runtime: 'runc', root, log: silentLogger() }), {
   skip,

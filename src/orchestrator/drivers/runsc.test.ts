@@ -1,26 +1,15 @@
 // Runs the driver conformance suite against gVisor's runsc (ptrace platform, no KVM needed), with conmon as the monitor.
 import { after } from 'node:test';
 import { rm, access } from 'node:fs/promises';
-import { execFileSync } from 'node:child_process';
 import { silentLogger } from '../../shared/log.ts';
-import { haveCommand } from '../../../test/helpers/rootfs.ts';
+import { missingPrerequisites } from '../../../test/helpers/rootfs.ts';
 import { RunscDriver } from './runsc.ts';
 import { runDriverConformance } from './driver.case.ts';
 
 const root = `/run/tarmac/test-runsc-${process.pid}`;
 after(() => rm(root, { recursive: true, force: true }));
 
-function whyNot(): string | undefined {
-  if (process.getuid?.() !== 0) return 'needs root (namespaces, mounts, cgroups)';
-  const missing = ['runsc', 'conmon', 'ip', 'nsenter'].filter((c) => !haveCommand(c));
-  if (missing.length) return `not installed: ${missing.join(', ')}`;
-  try {
-    execFileSync('runsc', ['--version'], { stdio: 'ignore' });
-  } catch {
-    return 'runsc does not run on this host';
-  }
-  return undefined;
-}
+const whyNot = () => missingPrerequisites('namespaces, mounts, cgroups', ['runsc', 'conmon', 'ip', 'nsenter']);
 
 runDriverConformance('runsc', () => new RunscDriver({ root, log: silentLogger() }), {
   skip: whyNot(),
