@@ -5,9 +5,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
-import { openSqliteCatalog } from '../catalog/index.ts';
-import { startApi, type ApiOptions } from '../api/index.ts';
-import { silentLogger } from '../shared/log.ts';
+import type { ApiOptions } from '../api/index.ts';
+import { adminToken, twoOrgApi } from '../api/testing.ts';
 import { runCli } from './main.ts';
 
 /** What one run printed and returned. */
@@ -33,19 +32,14 @@ export async function runCaptured(args: string[], env: Record<string, string>, c
 }
 
 /**
- * A real API (admin token `cli-token`) over a temp SQLite catalog with org `personal` and app `app`, all removed after
- * the test; `run` runs the CLI against it in a temp working directory `dir`.
+ * A real API (see src/api/testing.ts: org `personal` with the admin token, org `acme`) with app `app` in `personal`,
+ * all removed after the test; `run` runs the CLI against it as the admin, in a temp working directory `dir`.
  */
 export async function cliAgainstApi(t: TestContext, app: string, api: Partial<ApiOptions> = {}): Promise<{ dir: string; run(args: string[]): Promise<CliResult> }> {
+  const { catalog, url } = await twoOrgApi(t, api);
+  await catalog.createApp({ name: app, org_slug: 'personal', network: 'default', created_at: new Date().toISOString() });
   const dir = await mkdtemp(join(tmpdir(), 'tarmac-cli-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
-  const catalog = openSqliteCatalog(join(dir, 'catalog.db'));
-  t.after(() => catalog.close());
-  const at = new Date().toISOString();
-  await catalog.putOrg({ slug: 'personal', name: 'Personal', network_id: 1, created_at: at });
-  await catalog.createApp({ name: app, org_slug: 'personal', network: 'default', created_at: at });
-  const running = await startApi({ catalog, listen: { host: '127.0.0.1', port: 0 }, log: silentLogger(), region: 'local', adminToken: 'cli-token', ...api });
-  t.after(() => running.close());
-  const env = { TARMAC_API_URL: running.url, TARMAC_API_TOKEN: 'cli-token' };
+  const env = { TARMAC_API_URL: url, TARMAC_API_TOKEN: adminToken };
   return { dir, run: (args) => runCaptured(args, env, dir) };
 }
