@@ -78,3 +78,22 @@ test('certificates are scoped to the app\'s organization, and a host name belong
   await rejects(admin.getCertificate('web', 'shop.example.com'), 404, /no certificate/);
   assert.equal((await admin.getCertificate('shop', 'shop.example.com')).app, 'shop', 'the admin sees every org');
 });
+
+test('no app claims a name of the apps domain but its own: not another app\'s, not the domain, not a wildcard over it', async (t) => {
+  const { admin, acme } = await twoOrgApi(t, { appsDomain: 'apps.example.net' });
+  await admin.createApp({ app_name: 'web' });
+  await acme.createApp({ app_name: 'shop' });
+  for (const name of ['web.apps.example.net', 'apps.example.net', '*.apps.example.net', 'x.web.apps.example.net']) {
+    const c = await testCert([name]);
+    await rejects(acme.addCustomCertificate('shop', { hostname: name, fullchain: c.fullchain, private_key: c.key }), 400,
+      new RegExp(`hostname: "${name.replace(/[.*]/g, '\\$&')}" is in the apps domain "apps\\.example\\.net".*app "shop" may only use "shop\\.apps\\.example\\.net"`));
+  }
+  await rejects(acme.requestAcmeCertificate('shop', 'web.apps.example.net'), 400, /hostname: "web\.apps\.example\.net" is in the apps domain/);
+  assert.equal((await acme.listCertificates('shop')).total_certificates, 0, 'nothing was written');
+  // Its own name, and names outside the domain (a wildcard one level above covers no app's name), are the app's to use.
+  const own = await testCert(['shop.apps.example.net']);
+  await acme.addCustomCertificate('shop', { hostname: 'shop.apps.example.net', fullchain: own.fullchain, private_key: own.key });
+  const above = await testCert(['*.example.net']);
+  await acme.addCustomCertificate('shop', { hostname: '*.example.net', fullchain: above.fullchain, private_key: above.key });
+  assert.deepEqual((await acme.listCertificates('shop')).certificates.map((c) => c.hostname), ['*.example.net', 'shop.apps.example.net']);
+});

@@ -24,6 +24,19 @@ const requestAcmeSchema = z.strictObject({
   hostname: hostname.refine((s) => !s.startsWith('*.'), 'cannot be a wildcard: HTTP-01 and TLS-ALPN-01 prove one name at a time (ask for each name)'),
 });
 
+/**
+ * Refuses a host name under the apps domain other than the app's own `<app>.<domain>`: the proxy routes those names to
+ * apps by name, so a certificate for another app's name (or the domain itself, or a wildcard over it) would put this
+ * app's certificate, and key, in front of traffic that is not its own.
+ */
+function checkAppsDomain(name: string, app: string, domain: string): void {
+  const bare = name.startsWith('*.') ? name.slice(2) : name;
+  const under = bare === domain || bare.endsWith(`.${domain}`);
+  if (!under || name === `${app}.${domain}`) return;
+  throw new TarmacError('invalid_argument', `hostname: "${name}" is in the apps domain "${domain}", whose names belong to the apps they name; ` +
+    `app "${app}" may only use "${app}.${domain}" there`);
+}
+
 /** A certificate without its key; `status` is its ACME state, or `issued` for an uploaded one. */
 function presentCertificate(c: Certificate): CertificateResponse {
   return {
@@ -46,6 +59,7 @@ function visibleCertificate(ctx: Ctx): Certificate {
 async function addCustom(ctx: Ctx): Promise<void> {
   const app = visibleApp(ctx.deps.catalog, ctx.principal, ctx.params['app'] ?? '');
   const body = parseInput(addCustomSchema, await readJsonBody(ctx.req) ?? {});
+  checkAppsDomain(body.hostname, app.name, ctx.deps.appsDomain);
   const cert = certificateFromPem({ ...body, app: app.name, source: 'custom' });
   if (isCertificateProblem(cert)) throw new TarmacError('invalid_argument', `${cert.field}: ${cert.message}`);
   await ctx.deps.catalog.putCertificate(cert);
@@ -60,6 +74,7 @@ async function addCustom(ctx: Ctx): Promise<void> {
 async function requestAcme(ctx: Ctx): Promise<void> {
   const app = visibleApp(ctx.deps.catalog, ctx.principal, ctx.params['app'] ?? '');
   const { hostname: name } = parseInput(requestAcmeSchema, await readJsonBody(ctx.req) ?? {});
+  checkAppsDomain(name, app.name, ctx.deps.appsDomain);
   const held = ctx.deps.catalog.getCertificate(name);
   if (held && held.app !== app.name) throw new TarmacError('name_taken', `host name "${name}" already has a certificate in another app`);
   if (held?.acme?.status === 'pending') {

@@ -32,6 +32,8 @@ export interface ApiOptions {
   fleet?: FleetView;
   /** Where app addresses come from (POST /v1/apps/{app}/ip_assignments); default: none, so allocation fails with a 412. */
   ipPool?: IpPool;
+  /** The proxy's apps domain: `<app>.<domain>` names an app, so no app may claim a certificate for another's (default localhost). */
+  appsDomain?: string;
   /** Closes the server when aborted. */
   signal?: AbortSignal;
 }
@@ -53,7 +55,7 @@ const methods = ['GET', 'POST', 'DELETE'] as const;
 export async function startApi(opts: ApiOptions): Promise<RunningApi> {
   const log = opts.log.child({ component: 'api' });
   const fleet = opts.fleet ?? embeddedFleetView(opts.catalog);
-  const deps: Deps = { catalog: opts.catalog, region: opts.region, workers: opts.workers, fleet, ipPool: opts.ipPool ?? { v4: [], v6: [] } };
+  const deps: Deps = { catalog: opts.catalog, region: opts.region, workers: opts.workers, fleet, ipPool: opts.ipPool ?? { v4: [], v6: [] }, appsDomain: opts.appsDomain ?? 'localhost' };
   const authenticate = makeAuthenticator(opts.catalog, opts.adminToken);
   const closing = new AbortController();
 

@@ -37,6 +37,8 @@ export interface Deps {
   fleet: FleetView;
   /** Where app addresses (ip_assignments) come from. */
   ipPool: IpPool;
+  /** The proxy's apps domain (`<app>.<domain>` routes to the app by name). */
+  appsDomain: string;
 }
 
 export interface Ctx {

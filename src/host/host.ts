@@ -111,7 +111,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
     if (config.roles.includes('api')) {
       const o = orchestrator;
       api = await startApi({
-        catalog, listen: config.api, log: log.child({ component: 'api' }), region: config.region, adminToken, ipPool: ipPoolOf(config.proxy),
+        catalog, listen: config.api, log: log.child({ component: 'api' }), region: config.region, adminToken, ipPool: ipPoolOf(config.proxy), appsDomain: config.proxy.apps_domain,
         ...(fleet ? { fleet } : {}),
         ...(o ? {
           workers: {
