@@ -11,7 +11,7 @@ import {
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, FIREWALL_TABLE, NETWORKS_SET, type Driver } from '../orchestrator/index.ts';
-import { hostMeshAddress, meshIdentity, startMesh, MIN_MESH_HOST_NUMBER } from '../mesh/index.ts';
+import { hostMeshAddress, meshIdentity, startLocalNetworks, startMesh, MIN_MESH_HOST_NUMBER } from '../mesh/index.ts';
 import { parseUpstream, startDnsServer, upstreamsFromResolvConf, type RunningDns } from '../dns/index.ts';
 import { AcmeManager, defaultAcmePolicy } from '../acme/index.ts';
 import { TarmacError } from '../shared/errors.ts';
@@ -47,7 +47,7 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
   if (isWorker) {
     const runtimes = [config.runtime.default === 'runc' ? config.runtime.oci_binary : config.runtime.default];
     await ensureSystemPackages(runtimes, { install: config.install_packages, log });
-    await ensureHostFirewall(); // machines reach neither the host nor each other, from before the first one starts
+    await ensureHostFirewall(); // machines reach neither the host nor other orgs, from before the first one starts
   }
 
   const { catalog, etcd } = await openCatalog(config, log);
@@ -88,6 +88,10 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
         firewall: { table: FIREWALL_TABLE, set: NETWORKS_SET }, log: log.child({ component: 'mesh' }),
       });
       closers.push(() => mesh.close());
+    } else if (isWorker) {
+      // No mesh: each organization's machines on this host still form one network (and reach no other).
+      const local = await startLocalNetworks({ catalog, firewall: { table: FIREWALL_TABLE, set: NETWORKS_SET }, log: log.child({ component: 'network' }) });
+      closers.push(() => local.close());
     }
 
     let orchestrator: Orchestrator | undefined;

@@ -3,6 +3,7 @@ import { privateDnsAddress, type CatalogReader, type Host } from '../catalog/ind
 import type { Logger } from '../shared/log.ts';
 import { renderWireguardConfig, type WireguardPeer } from './config.ts';
 import { meshRuleset } from './firewall.ts';
+import { Reconciler } from './reconcile.ts';
 import { applyConfig, run } from './wireguard.ts';
 
 export interface AgentOptions {
@@ -25,18 +26,16 @@ function hostPeer(h: Host): WireguardPeer | undefined {
   return { publicKey: h.mesh.public_key, endpoint: h.mesh.endpoint, allowedIps: [...h.mesh.prefixes] };
 }
 
-/** Runs reconciliations one at a time; a change during one schedules exactly one more. Failures retry after a second. */
+/** Keeps the host's WireGuard peers and mesh firewall equal to the catalog, one reconciliation at a time. */
 export class MeshAgent {
   readonly #o: AgentOptions;
   #applied = { wireguard: '', firewall: '' };
-  #running: Promise<void> | undefined;
-  #dirty = false;
-  #closed = false;
-  #retry: NodeJS.Timeout | undefined;
+  readonly #reconciler: Reconciler;
   #unsubscribe: () => void = () => {};
 
   constructor(o: AgentOptions) {
     this.#o = o;
+    this.#reconciler = new Reconciler(() => this.#apply(), (e) => o.log.error({ err: e }, 'mesh reconcile failed; retrying in 1 s'));
   }
 
   /** Applies the catalog once (failing loudly), then follows its changes. */
@@ -50,23 +49,7 @@ export class MeshAgent {
 
   /** Schedules a reconciliation; resolves when the catalog as it is now has been applied (or failed to). */
   kick(): Promise<void> {
-    this.#dirty = true;
-    this.#running ??= this.#loop().finally(() => (this.#running = undefined));
-    return this.#running;
-  }
-
-  async #loop(): Promise<void> {
-    while (this.#dirty && !this.#closed) {
-      this.#dirty = false;
-      try {
-        await this.#apply();
-      } catch (e) {
-        this.#o.log.error({ err: e }, 'mesh reconcile failed; retrying in 1 s');
-        clearTimeout(this.#retry);
-        this.#retry = setTimeout(() => void this.kick(), 1000);
-        return;
-      }
-    }
+    return this.#reconciler.kick();
   }
 
   async #apply(): Promise<void> {
@@ -95,9 +78,7 @@ export class MeshAgent {
   }
 
   async close(): Promise<void> {
-    this.#closed = true;
     this.#unsubscribe();
-    clearTimeout(this.#retry);
-    await this.#running;
+    await this.#reconciler.close();
   }
 }

@@ -48,6 +48,20 @@ function fromWire(me: string): string {
     `${DST1} set ${SRC1} ${SRC1} set ${SRC2} ${SRC2} set ${DST1} ${DST1} set ${DST2} ${DST2} set ${me}`;
 }
 
+/**
+ * The nft lines that make the machines' "same network" set hold exactly one pair per organization network (each
+ * reaches itself), replacing what it held; they create the table and set if the host firewall is not there yet.
+ */
+export function networkPairsScript(firewall: { table: string; set: string }, networks: readonly number[]): string[] {
+  const pairs = [...new Set(networks)].filter((n) => n > 0).sort((a, b) => a - b).map((n) => `${networkCidr(n)} . ${networkCidr(n)}`);
+  return [
+    `add table inet ${firewall.table}`,
+    `add set inet ${firewall.table} ${firewall.set} { type ipv6_addr . ipv6_addr; flags interval; }`,
+    `flush set inet ${firewall.table} ${firewall.set}`,
+    ...(pairs.length ? [`add element inet ${firewall.table} ${firewall.set} { ${pairs.join(', ')} }`] : []),
+  ];
+}
+
 function elements(pairs: string[]): string {
   return pairs.length ? ` elements = { ${pairs.join(', ')} }` : '';
 }
@@ -66,16 +80,11 @@ export function meshRuleset(input: MeshRulesetInput): string {
   const { ifname, firewall } = input;
   const me = nftHex(input.hostNumber);
   const w = `"${ifname}"`;
-  const networkPairs = [...new Set(input.networks)].filter((n) => n > 0).sort((a, b) => a - b)
-    .map((n) => `${networkCidr(n)} . ${networkCidr(n)}`);
   const operatorPairs = input.operators.flatMap((o) => [
     `${o.address}/128 . ${networkCidr(o.network)}`, `${networkCidr(o.network)} . ${o.address}/128`, `${o.address}/128 . ${input.dnsAddress}/128`,
   ]);
   return [
-    `add table inet ${firewall.table}`,
-    `add set inet ${firewall.table} ${firewall.set} { type ipv6_addr . ipv6_addr; flags interval; }`,
-    `flush set inet ${firewall.table} ${firewall.set}`,
-    ...(networkPairs.length ? [`add element inet ${firewall.table} ${firewall.set} { ${networkPairs.join(', ')} }`] : []),
+    ...networkPairsScript(firewall, input.networks),
     `table inet ${MESH_TABLE}`,
     `delete table inet ${MESH_TABLE}`,
     `table inet ${MESH_TABLE} {`,

@@ -11,6 +11,7 @@ import { ensureInterface, removeInterface } from './wireguard.ts';
 
 export { MIN_MESH_HOST_NUMBER, hostMeshAddress, hostWirePrefix } from './addressing.ts';
 export { MESH_TABLE } from './firewall.ts';
+export { startLocalNetworks, type RunningLocalNetworks } from './local.ts';
 
 /** Name of a host's mesh interface: `tmw` + 10 hex of its id (distinct per host: wireguard-go's sockets are shared). */
 export function meshInterfaceName(hostId: string): string {

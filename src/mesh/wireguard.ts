@@ -57,6 +57,20 @@ const enableForwarding = [
   'sysctl -qw net.ipv6.conf.all.forwarding=1',
 ].join('\n');
 
+/** Turns IPv6 forwarding on, router advertisements kept (see enableForwarding). */
+export async function enableIpv6Forwarding(wrap: readonly string[]): Promise<void> {
+  await run(wrap, 'sh', ['-c', enableForwarding]);
+}
+
+/**
+ * Makes sure traffic between machines can be forwarded: nothing to do where the kernel forwards per interface
+ * (`force_forwarding`, Linux 6.17+; machine interfaces get it when they are made), host-wide forwarding elsewhere.
+ */
+export async function enableMachineForwarding(wrap: readonly string[]): Promise<'per-interface' | 'host-wide'> {
+  const out = await run(wrap, 'sh', ['-c', `if [ -e /proc/sys/net/ipv6/conf/default/force_forwarding ]; then echo per-interface; else\n${enableForwarding}\necho host-wide; fi`]);
+  return out.trim() === 'per-interface' ? 'per-interface' : 'host-wide';
+}
+
 /**
  * Makes sure `ifname` exists, is up, holds the host's mesh address and carries fdaa::/16 (every other host's
  * machines, in machine form: the firewall rewrites them on the way out), with IPv6 forwarding on. An interface left
@@ -75,7 +89,7 @@ export async function ensureInterface(o: InterfaceOptions): Promise<'kernel' | '
     `addr replace ${hostMeshAddress(o.hostNumber)}/128 dev ${o.ifname} nodad`,
     `route replace fdaa::/16 dev ${o.ifname}`,
   ].join('\n') + '\n');
-  await run(o.wrap, 'sh', ['-c', enableForwarding]);
+  await enableIpv6Forwarding(o.wrap);
   o.log.info({ interface: o.ifname, implementation: kind }, 'mesh interface ready');
   return kind;
 }

@@ -63,7 +63,7 @@ export const NETWORKS_SET = 'networks';
  *   (TCP with a reset, the rest with an ICMP error, so the machine's connect fails at once instead of timing out);
  * - forward: a machine reaches, through the host, only addresses of its own organization's network on another machine
  *   interface or the WireGuard mesh (`tmw*`), as the set `networks` (pairs `fdaa:N::/48 . fdaa:N::/48`, filled by the
- *   mesh; empty without it) allows; nothing reaches a machine through the host except from such a pair on the same
+ *   mesh, or without it by the host's local networks, src/mesh/local.ts) allows; nothing reaches a machine through the host except from such a pair on the same
  *   interfaces. Anything else a machine sends through the host (the underlay, other networks) is refused.
  */
 export function firewallRuleset(): string {
@@ -176,7 +176,7 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
   const ready = `${READY_DIR}/${ns}`;
   if (reuse && (await readFile(ready, 'utf8').catch(() => '')) === address) {
     // Set up before (a stopped machine starting again): nothing to do, no process to spawn.
-    await fw;
+    await Promise.all([fw, forwardFrom(hostIf)]);
     return { netnsPath, hostIf, address };
   }
   try {
@@ -188,6 +188,7 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
       `addr add ${GATEWAY}/64 dev ${hostIf} nodad`,
     ];
     await Promise.all([fw, ipBatch([], [...(reuse ? [] : create), `route replace ${address}/128 dev ${hostIf}`])]);
+    await forwardFrom(hostIf);
     await ipBatch(['-n', ns], [
       'link set lo up',
       'link set eth0 up',
@@ -203,6 +204,17 @@ export async function setupMachineNetwork(id: string, address: string, opts: { l
   await writeFile(ready, address);
   opts.log?.debug({ id, ns, hostIf, address, reused: reuse }, 'machine network ready');
   return { netnsPath, hostIf, address };
+}
+
+/**
+ * Lets the host forward IPv6 that arrives from the machine on `hostIf` (to machines of its org on this host, or the
+ * mesh; the firewall decides what may pass) without turning forwarding on for the whole host, where the kernel can
+ * (`force_forwarding`, Linux 6.17+). Elsewhere the host's local networks turn IPv6 forwarding on host-wide instead.
+ */
+async function forwardFrom(hostIf: string): Promise<void> {
+  await writeFile(`/proc/sys/net/ipv6/conf/${hostIf}/force_forwarding`, '1').catch((e: NodeJS.ErrnoException) => {
+    if (e.code !== 'ENOENT') throw e;
+  });
 }
 
 /** Deletes machine `id`'s veth pair, host route and namespace. Idempotent. */
