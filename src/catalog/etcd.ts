@@ -1,10 +1,11 @@
 // The etcd catalog: fleet state in an etcd cluster, read from a host-local SQLite mirror, written by compare-and-swap.
 import { channel } from 'node:diagnostics_channel';
 import { ConsecutiveBreaker, circuitBreaker, handleWhen, noop } from 'cockatiel';
-import { Etcd3, isRecoverableError, type ICompare, type IRequestOp, type ITxnResponse, type Lease as EtcdLease } from 'etcd3';
+import { Etcd3, isRecoverableError, type ICompare, type IRequestOp, type ITxnResponse } from 'etcd3';
 import type { Logger } from '../shared/log.ts';
 import { TarmacError, errorMessage } from '../shared/errors.ts';
 import { checkCertificateCas } from './certificates.ts';
+import { KeptLease } from './etcd-lease.ts';
 import { TxnRunner } from './etcd-txn.ts';
 import { catalogKeys, prefixEnd, type CatalogKeys } from './keys.ts';
 import { briefError, hostMirrorStatusSchema, hostStatusKey, openMirror, type HostMirrorStatus, type Mirror } from './mirror.ts';
@@ -521,7 +522,7 @@ class EtcdBackend implements EtcdCatalog {
 
 /** A host row (and its mirror status) under an etcd lease kept alive in the background; re-registered if the lease is lost. */
 class HostLease implements EtcdHostRegistration {
-  #lease: EtcdLease | undefined;
+  #lease: KeptLease | undefined;
   #host: Host;
   #status: HostMirrorStatus | undefined;
   #closed = false;
@@ -552,22 +553,27 @@ class HostLease implements EtcdHostRegistration {
   }
 
   async register(): Promise<void> {
-    const lease = this.client.lease(this.ttlSeconds);
-    this.#lease = lease;
-    lease.on('lost', (err) => {
-      if (this.#closed || this.#lease !== lease) return;
-      this.log.warn({ err: errorMessage(err), host: this.#host.id }, 'host registration lease lost; registering again');
-      this.#scheduleRetry(200);
-    });
+    let lease: KeptLease;
     try {
-      const id = await lease.grant();
-      if (this.#closed) { // closed while the grant was on its way: no keepalive may outlive the host
-        lease.release();
-        return;
-      }
-      await this.#put(id);
+      lease = await KeptLease.grant(this.client, this.ttlSeconds, (err) => {
+        if (this.#closed || this.#lease !== lease) return;
+        this.log.warn({ err: errorMessage(err), host: this.#host.id }, 'host registration lease lost; registering again');
+        this.#scheduleRetry(200);
+      });
     } catch (e) {
-      lease.release();
+      throw this.unavailable(e);
+    }
+    if (this.#closed) { // closed while the grant was on its way: no keepalive may outlive the host
+      lease.close();
+      return;
+    }
+    this.#lease?.close();
+    this.#lease = lease;
+    try {
+      await this.#put(lease.id);
+    } catch (e) {
+      lease.close();
+      if (this.#lease === lease) this.#lease = undefined;
       throw this.unavailable(e);
     }
   }
@@ -577,7 +583,8 @@ class HostLease implements EtcdHostRegistration {
     if (this.#closed) return;
     this.#retry = setTimeout(() => {
       if (this.#closed) return;
-      this.#lease?.release();
+      this.#lease?.close();
+      this.#lease = undefined;
       this.register().then(
         () => this.log.info({ host: this.#host.id }, 'host registered with etcd'),
         () => this.#scheduleRetry(Math.min(ms * 2, 5_000)),
@@ -599,7 +606,7 @@ class HostLease implements EtcdHostRegistration {
     if (!lease || this.#closed) throw new TarmacError('unavailable', 'the host registration is not active');
     try {
       // Not waited for in the local copy: nothing here reads it back at once.
-      await this.client.kv.txn({ success: [put(this.statusKey, json(this.#status), await lease.grant())] });
+      await this.client.kv.txn({ success: [put(this.statusKey, json(this.#status), lease.id)] });
     } catch (e) {
       throw this.unavailable(e);
     }
@@ -610,7 +617,7 @@ class HostLease implements EtcdHostRegistration {
     const lease = this.#lease;
     if (!lease) throw new TarmacError('unavailable', 'the host registration is not active');
     try {
-      await this.#put(await lease.grant());
+      await this.#put(lease.id);
     } catch (e) {
       throw this.unavailable(e);
     }
@@ -622,9 +629,9 @@ class HostLease implements EtcdHostRegistration {
     const lease = this.#lease;
     this.#lease = undefined;
     if (!lease) return;
-    // Revoking deletes the row; if etcd is unreachable the lease simply expires after its TTL. Either way its keepalive
-    // stops here, so nothing of the registration keeps the process alive.
-    await Promise.race([lease.revoke().catch(() => undefined), new Promise((r) => setTimeout(r, 3_000).unref())]);
-    lease.release();
+    // Its keepalive stream and timer stop here, so nothing of the registration keeps the process alive. Revoking deletes
+    // the row; if etcd is unreachable the lease simply expires after its TTL.
+    lease.close();
+    await this.client.leaseClient.leaseRevoke({ ID: lease.id }, { deadline: Date.now() + 3_000 }).catch(() => undefined);
   }
 }

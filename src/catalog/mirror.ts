@@ -232,6 +232,9 @@ export class Mirror {
         stream.removeAllListeners('end');
         stream.removeAllListeners('error');
         stream.on('error', () => {}); // cancel() surfaces as an error event: nothing to report
+        // Ended before cancelled: etcd3 takes an error on a stream still open for writing for a failure of the member
+        // (and closes every client of it, counting a failure towards its circuit breaker).
+        stream.end();
         stream.cancel();
         resolve(established);
       };
