@@ -1,4 +1,4 @@
-// Internal DNS end to end on one host: a machine resolves `<app>.internal` with its own system resolver (fdaa::3), scoped to its org.
+// Internal DNS end to end on one host, on both engines: a machine resolves `<app>.internal` with its own system resolver (fdaa::3), scoped to its org.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRegistry, type TestRegistry } from './helpers/registry.ts';
@@ -8,6 +8,7 @@ import { missingPrerequisites } from './helpers/rootfs.ts';
 import { waitFor } from './helpers/wait.ts';
 import { dig } from '../src/dns/testing.ts';
 import { privateDnsAddress } from '../src/catalog/index.ts';
+import { existsSync } from 'node:fs';
 
 const whyNot = () => missingPrerequisites('namespaces, nftables', ['runc', 'conmon', 'nft', 'umoci', 'skopeo', 'dig']);
 
@@ -21,7 +22,9 @@ const resolveScript = [
   'exec sleep 600',
 ].join('\n');
 
-describe('internal DNS on one host', { skip: whyNot() }, () => {
+const skipFor = (engine: 'node' | 'unbound') => whyNot() || (engine === 'unbound' && !existsSync('/usr/sbin/unbound') ? 'unbound not installed (apt-get install unbound)' : false);
+
+for (const engine of ['unbound', 'node'] as const) describe(`internal DNS on one host (${engine} engine)`, { skip: skipFor(engine) }, () => {
   let registry: TestRegistry;
   let image: string;
   let h: TestHost;
@@ -29,7 +32,7 @@ describe('internal DNS on one host', { skip: whyNot() }, () => {
   before(async () => {
     registry = await startRegistry();
     image = await buildAndPushImage(registry.host, 'resolver', { cmd: ['sleep', '600'] });
-    h = await startTestHost({ config: { dns: { listen: { host: '127.0.0.1', port: 0 } } } });
+    h = await startTestHost({ config: { dns: { engine, listen: { host: '127.0.0.1', port: 0 } } } });
     await h.host.catalog.putOrg({ slug: 'other', name: 'Other', network_id: await h.host.catalog.allocateNetworkNumber(), created_at: new Date().toISOString() });
   });
   after(async () => {
@@ -57,7 +60,11 @@ describe('internal DNS on one host', { skip: whyNot() }, () => {
     await h.client.waitMachine('dns-web', target.id, { state: 'started', timeout: 60 });
 
     // The operator's view over loopback sees it too.
-    const viaLoopback = await dig(h.host.dns!.listening()[0]!, 'dns-web.internal', 'AAAA');
+    assert.equal(h.host.dns!.engine, engine);
+    const viaLoopback = await waitFor('the operator to see the machine', async () => {
+      const r = await dig(h.host.dns!.listening()[0]!, 'dns-web.internal', 'AAAA');
+      return r.answers.length > 0 && r;
+    }, 5000);
     assert.deepEqual(viaLoopback.answers.map((a) => a.data), [target.private_ip]);
 
     const asker = await h.client.createMachine('dns-web', {

@@ -1,4 +1,4 @@
-// DNS benchmark: dnsperf against Tarmac's server, dnsmasq and unbound serving the same `.internal` records, interleaved, as markdown.
+// DNS benchmark: dnsperf against Tarmac's server (unbound engine, and the Node engine), dnsmasq and plain unbound serving the same `.internal` records, interleaved, as markdown.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -106,11 +106,25 @@ s.on('message', (m, r) => { m[2] |= 0x80; s.send(m, r.port, r.address); });
 s.bind(Number(process.argv[1]), '127.0.0.1');`;
 
 /** Starts a server process and waits until it answers a known name (with records unless `anyAnswer`). */
-async function start(name: string, cmd: string, args: string[], port: number, probe: string, anyAnswer = false): Promise<Server> {
+async function start(name: string, cmd: string, args: string[], port: number, probe: string, anyAnswer = false, reportsPid = false): Promise<Server> {
   const child = spawn(cmd, args, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   child.stderr.setEncoding('utf8').on('data', (d: string) => { if (err.length < 4096) err += d; });
-  child.stdout.resume();
+  // A server that reports {"pid":P} on its first stdout line is measured at P (Tarmac's unbound), else at its own pid.
+  let reported: number | undefined;
+  let out = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => {
+    if (reported !== undefined || out.length > 4096) return;
+    out += d;
+    const line = out.split('\n')[0]!;
+    if (out.includes('\n')) {
+      try {
+        reported = (JSON.parse(line) as { pid?: number }).pid ?? child.pid;
+      } catch {
+        reported = child.pid;
+      }
+    }
+  });
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   const stop = async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
@@ -122,13 +136,13 @@ async function start(name: string, cmd: string, args: string[], port: number, pr
     await waitFor(`${name} to answer`, async () => {
       if (child.exitCode !== null) throw new Error(`${name} exited: ${err}`);
       const r = await dig({ host: '127.0.0.1', port }, probe, 'AAAA', ['+time=1']);
-      return anyAnswer ? r.status === 'NOERROR' : r.answers.length > 0;
+      return (anyAnswer ? r.status === 'NOERROR' : r.answers.length > 0) && (!reportsPid || reported !== undefined);
     }, 30_000);
   } catch (e) {
     await stop();
     throw e;
   }
-  return { name, port, pid: child.pid!, stop };
+  return { name, port, pid: reported ?? child.pid!, stop };
 }
 
 function dnsperf(port: number, file: string, seconds: number): Omit<Run, 'cpuSeconds'> {
@@ -168,11 +182,14 @@ export async function benchDns(): Promise<string> {
     await catalog.close();
     const queries = join(dir, 'queries.txt');
     await writeFile(queries, queryFile(records));
-    const [pt, pm, pu, pe] = [await freePort(), await freePort(), await freePort(), await freePort()];
+    const [pt, pn, pm, pu, pe] = [await freePort(), await freePort(), await freePort(), await freePort(), await freePort()];
     await writeFile(join(dir, 'dnsmasq.conf'), dnsmasqConf(records, pm));
     await writeFile(join(dir, 'unbound.conf'), unboundConf(records, pu, dir));
     const probe = [...records.aaaa.keys()][0]!;
-    servers.push(await start('tarmac', process.execPath, ['--import', 'tsx', join(repoRoot, 'bench/dns/server.ts'), catalogPath, String(pt)], pt, probe));
+    const tarmacArgs = (engine: string, port: number) =>
+      ['--import', 'tsx', join(repoRoot, 'bench/dns/server.ts'), catalogPath, String(port), engine, join(dir, `state-${engine}`)];
+    servers.push(await start('tarmac', process.execPath, tarmacArgs('unbound', pt), pt, probe, false, true));
+    servers.push(await start('tarmac-node', process.execPath, tarmacArgs('node', pn), pn, probe, false, true));
     servers.push(await start('dnsmasq', 'dnsmasq', ['-k', '-C', join(dir, 'dnsmasq.conf')], pm, probe));
     servers.push(await start('unbound', 'unbound', ['-d', '-c', join(dir, 'unbound.conf')], pu, probe));
     // Same answers everywhere before any timing.
@@ -197,29 +214,34 @@ export async function benchDns(): Promise<string> {
     };
     const perCpu = (name: string) => median(runs.get(name)!.map((r) => r.completed / Math.max(r.cpuSeconds, 0.01)));
     const ratio = perCpu('tarmac') / perCpu('dnsmasq');
+    const nodeRatio = perCpu('tarmac-node') / perCpu('dnsmasq');
     return `# Internal DNS (issue 5)
 
 Run ${started.toISOString()} on: ${machineDescription()}.
-Servers: Tarmac's DNS server (Node ${process.version}, one process, answers from an embedded SQLite catalog), ${version('dnsmasq', ['--version'])},
-${version('unbound', ['-V'])} (one thread). Load: ${version('dnsperf', ['-h'])} on the same two cores, 4 sockets, 256 queries outstanding, ${seconds} s per run, ${rounds} rounds interleaved (tarmac,
-dnsmasq, unbound, repeat); medians. Records: 50 apps x 4 started machines in 2 regions, served identically by all three
-(dnsmasq \`host-record\`/\`txt-record\`, unbound \`local-data\` in a static zone): \`<app>.internal\`, \`<region>.<app>.internal\`,
+Servers: Tarmac's DNS server with its default engine, unbound: ${version('unbound', ['-V'])} (one thread) started by Tarmac, with the zone
+compiled from an embedded SQLite catalog into unbound views (one per organization, one for trusted sources) and kept
+current over its control socket; Tarmac's Node engine (\`tarmac-node\`: Node ${process.version}, one process, the fallback where
+unbound is not installed); ${version('dnsmasq', ['--version'])}; plain unbound (one thread, the records as \`local-data\` in a static zone).
+Load: ${version('dnsperf', ['-h'])} on the same two cores, 4 sockets, 256 queries outstanding, ${seconds} s per run, ${rounds} rounds interleaved (${servers.map((s) => s.name).join(', ')},
+repeat); medians. Records: 50 apps x 4 started machines in 2 regions, served identically by all
+(dnsmasq \`host-record\`/\`txt-record\`, unbound \`local-data\`): \`<app>.internal\`, \`<region>.<app>.internal\`,
 \`<id>.vm.<app>.internal\` AAAA, \`vms.<app>.internal\` TXT, and 10 names that do not exist; ${records.aaaa.size + records.txt.size + records.missing.length}
-names, looped. "lost" is what dnsperf reported lost over all rounds. Queries per CPU second = queries completed / (utime + stime of the server process during the run).
+names, looped (Tarmac also holds every other name form: \`top<N>.nearest.of\`, \`_instances\`, ...). "lost" is what dnsperf
+reported lost over all rounds. Queries per CPU second = queries completed / (utime + stime of the process answering during
+the run): for \`tarmac\` the unbound process Tarmac started (Tarmac's own Node process is idle while the catalog does not
+change), for \`tarmac-node\` the Node process.
 
 | server | queries/s | queries per CPU second | avg latency ms | max latency ms | lost |
 |---|---|---|---|---|---|
 ${servers.map((s) => row(s.name)).join('\n')}
 
+Tarmac / dnsmasq queries per CPU second: ${ratio.toFixed(2)} (target: at least 1); with the Node engine: ${nodeRatio.toFixed(2)}.
 node-echo is not a DNS server: a Node UDP socket that returns each query with QR set, the least a reply costs Node 20's
-dgram here. Tarmac / dnsmasq queries per CPU second: ${ratio.toFixed(2)} (target: at least 1); Tarmac / node-echo:
-${(perCpu('tarmac') / perCpu('node-echo')).toFixed(2)}.
-
-Where the gap is: a CPU profile of Tarmac's server under dnsperf (one name, cached) put its own query path (parse,
-view, answer-cache lookup, splice) at about 3% of its CPU and Node's dgram send (\`doSend\`) at about 35%; answers
-are encoded once per name and view and reused until the catalog changes. The target is therefore out of reach for
-any server on Node 20's dgram on this machine (node-echo bounds it); reaching dnsmasq needs the datagrams handled
-outside Node, e.g. the zone compiled from the catalog into unbound views per organization.
+dgram here (tarmac-node / node-echo: ${(perCpu('tarmac-node') / perCpu('node-echo')).toFixed(2)}). It is why the Node engine cannot reach the target: a
+CPU profile of it under dnsperf put its own query path (parse, view, answer-cache lookup, splice) at about 3% of its
+CPU and Node's dgram send (\`doSend\`) at about 35%. So the datagrams are now answered by unbound, and Tarmac stays the
+brain: it compiles its zone (every Fly name form, views per org by source address) into unbound and applies each catalog
+change as a few commands on its control socket (the unbound-control protocol).
 `;
   } finally {
     for (const s of servers) await s.stop();

@@ -1,38 +1,13 @@
 // The DNS server: UDP and TCP listeners answering `.internal` from the zone (answers encoded once, then spliced) and forwarding the rest.
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { createServer, isIP, type Server, type Socket } from 'node:net';
-import type { Logger } from '../shared/log.ts';
+import type { DnsListen, DnsServerOptions, RunningDns } from './engine.ts';
 import { privateNetwork, sourceList } from './address.ts';
-import { Forwarder, type Upstream } from './forward.ts';
-import { Zone, soaRecord, zoneName, type View, type ZoneSource } from './zone.ts';
+import { Forwarder } from './forward.ts';
+import { Zone, soaRecord, zoneName, type View } from './zone.ts';
 import { encodeTemplate, headerResponse, parseQuery, qtypes, rcode, spliceResponse, udpLimit, type Query, type Template } from './wire.ts';
 
-export interface DnsListen {
-  host: string;
-  port: number;
-}
-
-export interface DnsServerOptions {
-  /** The catalog (or its local mirror): read once, then followed through change batches. */
-  catalog: ZoneSource;
-  /** Addresses served over both UDP and TCP. One already taken is retried in the background (see `listening`). */
-  listen: readonly DnsListen[];
-  /** Resolvers for names outside `.internal`; none: such names get SERVFAIL. */
-  upstreams: readonly Upstream[];
-  /** CIDR ranges whose queries see every org's names (other non-machine sources are refused). */
-  trusted: readonly string[];
-  /** Region of this host: the "nearest" of trusted askers and of machines the zone does not know. */
-  region: string;
-  log: Logger;
-  /** Per upstream, before trying the next (default 2000 ms). */
-  forwardTimeoutMs?: number;
-}
-
-export interface RunningDns {
-  /** Listeners bound so far (host, port); the ones still being retried are missing. */
-  listening(): DnsListen[];
-  close(): Promise<void>;
-}
+export type { DnsListen, DnsServerOptions, RunningDns } from './engine.ts';
 
 /** Encoded answers kept at most (then the cache starts over: a flood of random names cannot grow it unbounded). */
 const maxCached = 50_000;
@@ -52,6 +27,7 @@ export async function startDnsServer(opts: DnsServerOptions): Promise<RunningDns
 }
 
 class DnsServer implements RunningDns {
+  readonly engine = 'node' as const;
   readonly #opts: DnsServerOptions;
   readonly #zone: Zone;
   readonly #trusted: (address: string) => boolean;
@@ -92,12 +68,18 @@ class DnsServer implements RunningDns {
     return [...this.#bound];
   }
 
+  pid(): number {
+    return process.pid;
+  }
+
   /** Binds UDP and TCP on one address; an address in use (or not yet configured) is retried every 2 s. */
   async bind(l: DnsListen): Promise<void> {
     try {
       await this.#bindOnce(l);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
+      // Port 0: the UDP port's TCP twin was taken by someone else; another pair will do.
+      if (l.port === 0 && code === 'EADDRINUSE') return this.#bindOnce(l).catch(() => this.#bindOnce(l));
       if (code !== 'EADDRINUSE' && code !== 'EADDRNOTAVAIL') throw e;
       this.#opts.log.warn({ host: l.host, port: l.port, code }, 'dns listener unavailable, retrying in the background');
       const retry = () => {

@@ -108,8 +108,7 @@ export async function startUpstream(records: Record<string, { A?: string; TXT?: 
     return packet.encode({ type: 'response', id: q.id ?? 0, flags: packet.RECURSION_AVAILABLE | (rec ? 0 : 3), questions: q.questions ?? [], answers });
   };
   const state = { queries: 0 };
-  const udp = createSocket('udp4');
-  udp.on('message', (msg, r) => {
+  const handle = (udp: ReturnType<typeof createSocket>) => udp.on('message', (msg, r) => {
     state.queries++;
     try {
       udp.send(answer(msg), r.port, r.address);
@@ -117,8 +116,6 @@ export async function startUpstream(records: Record<string, { A?: string; TXT?: 
       // not a query it can decode: no answer
     }
   });
-  await new Promise<void>((resolve) => udp.bind(0, '127.0.0.1', resolve));
-  const port = udp.address().port;
   const tcp = createServer((s) => {
     s.on('error', () => s.destroy());
     s.once('data', (d: Buffer) => {
@@ -134,12 +131,33 @@ export async function startUpstream(records: Record<string, { A?: string; TXT?: 
       s.end(Buffer.concat([len, out]));
     });
   });
-  await new Promise<void>((resolve) => tcp.listen(port, '127.0.0.1', resolve));
+  // A random UDP port whose TCP twin someone else holds: try another pair.
+  let udp: ReturnType<typeof createSocket> | undefined;
+  let port = 0;
+  for (let attempt = 1; !udp; attempt++) {
+    const u = handle(createSocket('udp4'));
+    await new Promise<void>((resolve) => u.bind(0, '127.0.0.1', resolve));
+    port = u.address().port;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        tcp.once('error', reject);
+        tcp.listen(port, '127.0.0.1', () => {
+          tcp.off('error', reject);
+          resolve();
+        });
+      });
+      udp = u;
+    } catch (e) {
+      u.close();
+      if (attempt >= 5) throw e;
+    }
+  }
+  const bound = udp;
   return {
     host: '127.0.0.1', port,
     get queries() { return state.queries; },
     close: async () => {
-      await Promise.all([new Promise<void>((r) => udp.close(() => r())), new Promise<void>((r) => tcp.close(() => r()))]);
+      await Promise.all([new Promise<void>((r) => bound.close(() => r())), new Promise<void>((r) => tcp.close(() => r()))]);
     },
   };
 }

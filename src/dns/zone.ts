@@ -22,6 +22,12 @@ export interface Resolution {
   negative: boolean;
 }
 
+/** Names precompiled for an engine: their records, and the names that exist without records. */
+export interface PrecompiledNames {
+  records: Map<string, packet.Answer[]>;
+  empty: string[];
+}
+
 /** A started machine as DNS shows it. */
 interface Instance {
   id: string;
@@ -124,6 +130,11 @@ export class Zone {
     if (changed) this.#generation++;
   }
 
+  /** Every organization with its network number, sorted by number. */
+  orgs(): Array<{ slug: string; network: number }> {
+    return [...this.#orgNetwork].map(([slug, network]) => ({ slug, network })).sort((a, b) => a.network - b.network);
+  }
+
   /** The org whose network number is `network`, if any. */
   orgOfNetwork(network: number): string | undefined {
     return this.#orgsByNetwork.get(network);
@@ -175,6 +186,57 @@ export class Zone {
       default:
         return nxdomain;
     }
+  }
+
+  /** Names of the apps `view` sees, sorted. */
+  appNames(view: View): string[] {
+    return this.#appsOf(view).map((a) => a.name);
+  }
+
+  /**
+   * A token that stays the same object while the answers of `app`'s names cannot have changed (its started machines,
+   * its row): engines that precompile names keep their work per app until it changes.
+   */
+  appToken(app: string): object {
+    return this.#instancesOf(app);
+  }
+
+  /**
+   * The names under `<app>.internal` that `view` can ask, with their records (what `resolve` answers for AAAA and
+   * TXT), for engines that serve a precompiled zone. `top<N>.nearest.of.<app>` is listed for N = 1..`topCap`; names that
+   * exist without records of their own and without listed descendants (an app with no started machine, its `vms`,
+   * `vm`, ...) are returned in `empty`, for the engine to make exist some other way.
+   */
+  appRecords(view: View, app: string, topCap: number): PrecompiledNames {
+    const all = this.#instancesOf(app);
+    const names = [app, `global.${app}`, `vms.${app}`, `regions.${app}`, `vm.${app}`, `process.${app}`, `of.${app}`, `nearest.of.${app}`];
+    for (const r of new Set(all.map((i) => i.region))) names.push(`${r}.${app}`);
+    for (const i of all) names.push(`${i.id}.vm.${app}`);
+    for (const g of new Set(all.map((i) => i.group))) names.push(`${g}.process.${app}`);
+    if (all.length > 0) for (let n = 1; n <= topCap; n++) names.push(`top${n}.nearest.of.${app}`);
+    return this.#precompile(view, names);
+  }
+
+  /** `_apps.internal` and `_instances.internal` for `view`, as `appRecords` gives an app's names. */
+  listRecords(view: View): PrecompiledNames {
+    return this.#precompile(view, ['_apps', '_instances']);
+  }
+
+  #precompile(view: View, labels: string[]): PrecompiledNames {
+    const records = new Map<string, packet.Answer[]>();
+    const existing: string[] = [];
+    for (const label of labels) {
+      const name = `${label.toLowerCase()}.${zoneName}`;
+      if (records.has(name)) continue;
+      const rrs = [qtypes.AAAA, qtypes.TXT].flatMap((t) => this.resolve(view, name, t).answers);
+      if (rrs.length > 0) records.set(name, rrs);
+      else if (this.resolve(view, name, qtypes.AAAA).rcode === rcode.noerror) existing.push(name);
+    }
+    const covered = new Set<string>();
+    for (const name of records.keys()) {
+      for (let i = name.indexOf('.'); i >= 0; i = name.indexOf('.', i + 1)) covered.add(name.slice(i + 1));
+    }
+    return { records, empty: existing.filter((n) => !covered.has(n)) };
   }
 
   #putOrg(slug: string, network: number): void {

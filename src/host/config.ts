@@ -61,6 +61,8 @@ export const hostConfigSchema = z.strictObject({
   /** Internal DNS: `.internal` names from the catalog, other names forwarded. Worker hosts also serve machines at [fdaa::3]:53. */
   dns: z.strictObject({
     enabled: z.boolean().default(true),
+    /** Who answers: "unbound" (driven by Tarmac; the default where /usr/sbin/unbound exists) or "node" (Tarmac's own server). */
+    engine: z.enum(['unbound', 'node']).optional(),
     /** The operator's listener (UDP and TCP). */
     listen: listen.default({ host: '127.0.0.1', port: 5353 }),
     /** Resolvers for other names ("1.1.1.1", "10.0.0.2:53", "[::1]:53"); empty: the nameservers of /etc/resolv.conf. */

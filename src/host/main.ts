@@ -19,6 +19,7 @@ Options:
                          proxy HTTPS address (default: port 8443 on the HTTP host)
   --metrics-listen H:P   Prometheus /metrics address (default 127.0.0.1:9480)
   --dns-listen H:P       internal DNS for the operator's tools (default 127.0.0.1:5353)
+  --dns-engine E         unbound or node (default unbound where /usr/sbin/unbound exists)
   --apps-domain D        apps answer at <app>.D (default localhost)
   --proxy-workers N      proxy processes sharing the port (default 1)
   --proxy-backhaul-listen H:P
@@ -46,7 +47,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
       runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
       catalog: { type: 'string' }, 'metrics-listen': { type: 'string' }, 'dns-listen': { type: 'string' }, 'proxy-workers': { type: 'string' },
       'proxy-backhaul-listen': { type: 'string' }, 'proxy-https-listen': { type: 'string' }, role: { type: 'string' },
-      'mesh-endpoint': { type: 'string' },
+      'mesh-endpoint': { type: 'string' }, 'dns-engine': { type: 'string' },
     },
   });
   const input: Record<string, unknown> = values.config ? { ...(await readConfigFile(values.config)) } : {};
@@ -55,6 +56,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
   if (values['api-listen']) input['api'] = parseListen(values['api-listen'], '--api-listen');
   if (values['metrics-listen']) input['metrics'] = parseListen(values['metrics-listen'], '--metrics-listen');
   if (values['dns-listen']) input['dns'] = { ...(input['dns'] as object | undefined), listen: parseListen(values['dns-listen'], '--dns-listen') };
+  if (values['dns-engine']) input['dns'] = { ...(input['dns'] as object | undefined), engine: values['dns-engine'] };
   const proxy = { ...(input['proxy'] as object | undefined) } as Record<string, unknown>;
   if (values['proxy-listen']) proxy['http'] = parseListen(values['proxy-listen'], '--proxy-listen');
   if (values['proxy-https-listen']) proxy['https'] = parseListen(values['proxy-https-listen'], '--proxy-https-listen');
