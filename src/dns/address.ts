@@ -50,3 +50,15 @@ export function sourceList(cidrs: readonly string[]): (address: string) => boole
     return family !== 0 && list.check(mapped, family === 6 ? 'ipv6' : 'ipv4');
   };
 }
+
+/**
+ * The network (organization) number of the private /48 that the range `cidr` ("fdaa:0:2::/64", or a bare address) lies
+ * in entirely, or undefined when it is not inside one fdaa: /48 (other addresses, or a range wider than a /48).
+ */
+export function privateNetworkOfRange(cidr: string): number | undefined {
+  const [net, bits] = cidr.split('/') as [string, string | undefined];
+  const g = ipv6Groups(net);
+  const prefix = bits === undefined ? 128 : Number(bits);
+  if (!g || g[0] !== 0xfdaa || !Number.isInteger(prefix) || prefix < 48 || prefix > 128) return undefined;
+  return ((g[1]! << 16) | g[2]!) >>> 0;
+}

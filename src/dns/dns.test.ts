@@ -6,8 +6,9 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { openSqliteCatalog, type Catalog } from '../catalog/index.ts';
-import { silentLogger } from '../shared/log.ts';
+import { Writable } from 'node:stream';
+import { machineAddress, networkCidr, openSqliteCatalog, type Catalog } from '../catalog/index.ts';
+import { createLogger, silentLogger } from '../shared/log.ts';
 import { startDns, type DnsEngine, type DnsServerOptions, type RunningDns } from './index.ts';
 import { waitFor } from '../../test/helpers/wait.ts';
 import { dig, startUpstream, writeFleet, type DigResult, type FixtureMachine } from './testing.ts';
@@ -22,6 +23,21 @@ const haveDig = (() => {
 })();
 
 const haveUnbound = existsSync('/usr/sbin/unbound');
+
+/** The TXT answers in dig's output, their strings unescaped (\\DDD bytes, \\X) and joined, decoded as UTF-8. */
+function decodeTxt(raw: string): string {
+  const section = /;; ANSWER SECTION:\n([\s\S]*?)(\n\n|$)/.exec(raw)?.[1] ?? '';
+  const bytes: number[] = [];
+  for (const line of section.split('\n')) {
+    for (const m of line.matchAll(/"((?:[^"\\]|\\.)*)"/g)) {
+      for (const e of m[1]!.matchAll(/\\(\d{3})|\\(.)|([^\\])/g)) {
+        if (e[1] !== undefined) bytes.push(Number(e[1]));
+        else bytes.push(...Buffer.from(e[2] ?? e[3]!, 'utf8'));
+      }
+    }
+  }
+  return Buffer.from(bytes).toString('utf8');
+}
 
 const sortedData = (r: DigResult) => r.answers.map((a) => a.data).sort();
 /** A TXT record's text as dig prints it ("a" "b"), its strings joined. */
@@ -234,5 +250,65 @@ for (const engine of ['node', 'unbound'] as const) describe(`dns server (${engin
       await scoped.close();
       execFileSync('ip', ['addr', 'del', `${x1}/128`, 'dev', 'lo']);
     }
+  });
+
+  test('a dns.trusted range inside an org\'s network does not show its machines other orgs\' names', { skip: process.getuid?.() === 0 ? false : 'needs root to add a private address to lo' }, async () => {
+    const x1 = ips.get('x1')!; // acme's machine, network 2
+    const late = machineAddress(0x7ab3, 1, 1); // an org created during the test
+    for (const a of [x1, late]) execFileSync('ip', ['addr', 'add', `${a}/128`, 'dev', 'lo', 'nodad']);
+    const warnings: string[] = [];
+    const log = createLogger({ level: 'warn', destination: new Writable({ write(chunk, _enc, done) { warnings.push(String(chunk)); done(); } }) });
+    try {
+      // As wide as the org's /48, narrower, one address: each would win unbound's longest-prefix view choice (or tie).
+      for (const trusted of [[networkCidr(2)], ['fdaa:0:2::/64', '127.0.0.1'], [x1]]) {
+        const dns = await start({ catalog, listen: [{ host: x1, port: 0 }], upstreams: [], trusted, region: 'fra', log });
+        try {
+          const at = dns.listening()[0]!;
+          const from = ['-b', x1];
+          assert.deepEqual((await dig(at, '_apps.internal', 'TXT', from)).answers.map((a) => a.data), ['"api"'], `trusted ${trusted.join()}`);
+          assert.equal((await dig(at, 'web.internal', 'AAAA', from)).status, 'NXDOMAIN', `trusted ${trusted.join()}: another org's app`);
+          assert.ok(sortedData(await dig(at, 'api.internal', 'AAAA', from)).includes(x1), 'its own org\'s app');
+        } finally {
+          await dns.close();
+        }
+      }
+      if (engine === 'unbound') assert.ok(warnings.some((w) => w.includes('dns.trusted entry inside')), 'the ignored entry is logged');
+      // An entry that is no org's network yet stays trusted until the org appears.
+      const dns = await start({ catalog, listen: [{ host: late, port: 0 }], upstreams: [], trusted: [late], region: 'fra', log });
+      try {
+        const at = dns.listening()[0]!;
+        const from = ['-b', late];
+        assert.deepEqual((await dig(at, '_apps.internal', 'TXT', from)).answers.map((a) => a.data), ['"api,big,web"'], 'trusted while no org has it');
+        await catalog.putOrg({ slug: 'late', name: 'late', network_id: 0x7ab3, created_at: new Date().toISOString() });
+        await waitFor('the late org to get its own view', async () => (await dig(at, 'web.internal', 'AAAA', from)).status === 'NXDOMAIN', 10_000);
+        const apps = await dig(at, '_apps.internal', 'TXT', from);
+        assert.equal(apps.status, 'NOERROR');
+        assert.equal(apps.answers.length, 0, 'the late org has no apps');
+      } finally {
+        await dns.close();
+      }
+    } finally {
+      for (const a of [x1, late]) execFileSync('ip', ['addr', 'del', `${a}/128`, 'dev', 'lo']);
+    }
+  });
+  test('hostile catalog strings (unicode, quotes, newlines, very long) cannot stop DNS, and TXT text survives them', async () => {
+    const pid = dns.pid();
+    const regions = ['zürich', 'q"u\'o\\te', 'new\nline', '日本'.repeat(200), 'r'.repeat(3000)];
+    const weird = 'ünï"cöde\n';
+    const fleet = regions.map((region, i): FixtureMachine => ({
+      id: `h${i}`, app: 'hostile', host: 'h-fra', region, hostNumber: 2, number: 200 + i, state: 'started', group: `g"'${region}`,
+    }));
+    await writeFleet(catalog, { orgs: [{ slug: 'acme', network: 2 }], hosts: [], apps: [{ name: 'hostile', org: 'acme' }, { name: weird, org: 'acme' }], machines: fleet });
+    const txtOf = async (name: string) => decodeTxt((await dig(server, name, 'TXT', ['+tcp'])).raw);
+    const expected = [...regions].sort().join(',');
+    await waitFor('regions.hostile.internal', async () => (await txtOf('regions.hostile.internal')) === expected, 10_000);
+    assert.ok((await txtOf('vms.hostile.internal')).startsWith('h0 zürich,h1 q"u\'o\\te,h2 new\nline,h3 日本'));
+    assert.ok((await txtOf('_apps.internal')).split(',').includes(weird), 'the unicode app name in _apps');
+    assert.equal((await dig(server, 'h1.vm.hostile.internal', 'AAAA')).answers.length, 1);
+    // DNS still follows the catalog afterwards, from the same process.
+    await catalog.createApp({ name: 'after-hostile', org_slug: 'acme', network: 'default', created_at: new Date().toISOString() });
+    await waitFor('after-hostile.internal', async () => (await dig(server, 'after-hostile.internal', 'AAAA')).status === 'NOERROR', 10_000);
+    assert.equal(dns.pid(), pid, 'the server never stopped');
+    assert.equal((await dig(server, 'web.internal', 'AAAA')).answers.length, 3);
   });
 });

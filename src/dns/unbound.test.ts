@@ -3,13 +3,14 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { Writable } from 'node:stream';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { machineAddress, openSqliteCatalog, type Catalog } from '../catalog/index.ts';
-import { silentLogger } from '../shared/log.ts';
+import { createLogger, silentLogger } from '../shared/log.ts';
 import { waitFor } from '../../test/helpers/wait.ts';
-import { startUnboundDns, type RunningDns } from './index.ts';
+import { startDns, startUnboundDns, type RunningDns } from './index.ts';
 import { dig, writeFleet } from './testing.ts';
 
 const whyNot = (() => {
@@ -21,6 +22,17 @@ const whyNot = (() => {
   }
   return false;
 })();
+
+/** Processes whose command line names the config in `stateDir` (an unbound of that server). */
+async function unboundsOf(stateDir: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const p of await readdir('/proc')) {
+    if (!/^\d+$/.test(p) || Number(p) === process.pid) continue;
+    const cmdline = await readFile(`/proc/${p}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.split('\0').includes(join(stateDir, 'unbound.conf')) && alive(Number(p))) out.push(Number(p));
+  }
+  return out;
+}
 
 const alive = (pid: number) => existsSync(`/proc/${pid}`) && !/^State:\s+Z/m.test(readProcStatus(pid));
 function readProcStatus(pid: number): string {
@@ -63,6 +75,8 @@ describe('unbound engine', { skip: whyNot }, () => {
       const at = dns.listening()[0]!;
       assert.deepEqual((await dig(at, 'web.internal', 'AAAA')).answers.map((a) => a.data), [ips.get('w1')]);
       assert.ok((await readFile(join(dir, 'restart', 'unbound.conf'), 'utf8')).includes('view:'), 'the generated config is in the state dir');
+      assert.equal((await stat(join(dir, 'restart'))).mode & 0o777, 0o700, 'the state dir (control socket) is root\'s alone');
+      assert.equal((await stat(join(dir, 'restart', 'unbound.conf'))).mode & 0o777, 0o600);
       process.kill(first, 'SIGKILL');
       const second = await waitFor('a new unbound', () => { const p = dns.pid(); return p !== undefined && p !== first && p; }, 10_000);
       await waitFor('the new unbound to answer', async () => (await dig(dns.listening()[0] ?? at, 'web.internal', 'AAAA').catch(() => undefined))?.answers.length === 1, 10_000);
@@ -136,6 +150,79 @@ describe('unbound engine', { skip: whyNot }, () => {
       if (parent.exitCode === null && parent.signalCode === null) parent.kill('SIGKILL');
       await exited;
     }
+  });
+
+  test('close() landing while a restart is starting unbound leaves no unbound behind', async () => {
+    let launches = 0;
+    let closing: Promise<void> | undefined;
+    const stateDir = join(dir, 'close-race');
+    const dns: RunningDns = await startUnboundDns({
+      catalog, listen: [{ host: '127.0.0.1', port: 0 }], upstreams: [], trusted: ['127.0.0.0/8'], region: 'ams', log: silentLogger(), stateDir,
+      // The restart's config is written and unbound about to be spawned: close now.
+      testHooks: { beforeSpawn: () => { if (++launches === 2) closing = dns.close(); } },
+    });
+    try {
+      process.kill(dns.pid()!, 'SIGKILL');
+      await waitFor('close() during the restart', () => closing !== undefined, 10_000);
+      await closing;
+      assert.deepEqual(await unboundsOf(stateDir), [], 'no unbound runs the closed server\'s config');
+      assert.equal(dns.pid(), undefined);
+    } finally {
+      await dns.close();
+      for (const pid of await unboundsOf(stateDir)) process.kill(pid, 'SIGKILL');
+    }
+  });
+
+  test('unbound dying during a reload is started again at once, not after the reload\'s timeout', async () => {
+    let killed: number | undefined;
+    const dns = await startUnboundDns({
+      catalog, listen: [{ host: '127.0.0.1', port: 0 }], upstreams: [], trusted: ['127.0.0.0/8'], region: 'ams', log: silentLogger(),
+      stateDir: join(dir, 'reload-death'),
+      testHooks: { afterReloadSent: (pid) => { if (killed === undefined && pid !== undefined) process.kill((killed = pid), 'SIGKILL'); } },
+    });
+    try {
+      const at = dns.listening()[0]!;
+      // A new org changes the views: a config reload, during which unbound dies.
+      await writeFleet(catalog, { orgs: [{ slug: 'reloaded', network: 8 }], hosts: [], apps: [{ name: 'reloaded-app', org: 'reloaded' }], machines: [] });
+      await waitFor('the reload to be sent', () => killed !== undefined, 10_000);
+      const t0 = Date.now();
+      await waitFor('a new unbound serving the new app', async () => dns.pid() !== undefined && dns.pid() !== killed
+        && (await dig(at, 'reloaded-app.internal', 'AAAA').catch(() => undefined))?.status === 'NOERROR', 10_000);
+      const ms = Date.now() - t0;
+      assert.ok(ms < 5000, `served again after ${ms} ms (the restart waited for the dead unbound's reload to time out)`);
+    } finally {
+      await dns.close();
+    }
+  });
+
+  test('unbound that cannot start: the node engine serves unless unbound was asked for, which fails with the cause and the fix', async () => {
+    // An unbound as AppArmor leaves it when the config is outside the directories its profile allows.
+    const fake = join(dir, 'denied-unbound');
+    await writeFile(fake, '#!/bin/sh\necho "[1700000000] unbound[1:0] error: Could not open $3: Permission denied" >&2\nexit 1\n', { mode: 0o755 });
+    const lines: string[] = [];
+    const log = createLogger({ level: 'info', destination: new Writable({ write(chunk, _enc, done) { lines.push(String(chunk)); done(); } }) });
+    const opts = {
+      catalog, listen: [{ host: '127.0.0.1', port: 0 }], upstreams: [], trusted: ['127.0.0.0/8'], region: 'ams', log,
+      stateDir: join(dir, 'denied'), unboundBinary: fake,
+    };
+    const dns = await startDns({ ...opts, engine: undefined });
+    try {
+      assert.equal(dns.engine, 'node');
+      assert.deepEqual((await dig(dns.listening()[0]!, 'web.internal', 'AAAA')).answers.map((a) => a.data), [ips.get('w1')]);
+      const fallback = lines.filter((l) => l.includes('serving DNS with the node engine'));
+      assert.equal(fallback.length, 1, 'one line says so');
+      assert.match(fallback[0]!, /Permission denied/);
+    } finally {
+      await dns.close();
+    }
+    await assert.rejects(startDns({ ...opts, engine: 'unbound' }), (e: Error) => {
+      assert.match(e.message, /Permission denied/, 'the cause');
+      assert.match(e.message, /\/etc\/apparmor\.d\/local\/usr\.sbin\.unbound/, 'the fix');
+      assert.ok(e.message.includes(`${join(dir, 'denied')}/** rw,`));
+      assert.match(e.message, /dns\.engine = "node"/);
+      assert.ok(!e.message.includes('\n'), 'one line');
+      return true;
+    });
   });
 
   test('a listen address in use is retried, and served once free', async () => {

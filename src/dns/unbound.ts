@@ -2,14 +2,15 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { connect, createServer, isIP } from 'node:net';
 import { join, resolve as absolute } from 'node:path';
 import { createInterface } from 'node:readline';
 import { networkCidr } from '../catalog/index.ts';
+import { privateNetworkOfRange, sourceList } from './address.ts';
 import { TarmacError } from '../shared/errors.ts';
 import type { DnsListen, DnsServerOptions, RunningDns } from './engine.ts';
-import { internalTtl, Zone, zoneName, type PrecompiledNames, type View } from './zone.ts';
+import { internalTtl, txtChunks, Zone, zoneName, type PrecompiledNames, type View } from './zone.ts';
 
 export const unboundBinary = '/usr/sbin/unbound';
 const setprivBinary = '/usr/bin/setpriv';
@@ -19,8 +20,10 @@ const setprivBinary = '/usr/bin/setpriv';
  * N gets NXDOMAIN from this engine (the Node engine answers any N up to 9999 with every machine).
  */
 export const topCap = 16;
-/** Catalog batches arriving within this many ms are applied together. */
+/** Catalog batches arriving within this many ms (or five times the last update's time) are applied together. */
 const debounceMs = 5;
+/** At most this long, however long updates take (five times the last one, else). */
+const maxDebounceMs = 250;
 const rebindMs = 2000;
 const readyTimeoutMs = 15_000;
 /**
@@ -39,16 +42,39 @@ const maxControlLine = 2000;
 const txtRecordMax = 1500;
 /** A TXT list longer than this cannot be answered at all (a DNS message holds 64 KiB): left out, with a warning. */
 const maxTxtList = 60_000;
+/** Names the lists own in every view. */
+const listNames = [`_apps.${zoneName}`, `_instances.${zoneName}`, `_._apps.${zoneName}`, `_._instances.${zoneName}`];
 /** The type of the placeholder that makes a name without records exist (a private-use type nobody asks for). */
 const placeholderType = 'TYPE65280';
 
 export interface UnboundDnsOptions extends DnsServerOptions {
   /** Where the generated config, the control socket and the pid file live (e.g. `<data_dir>/dns`). */
   stateDir: string;
+  /** The unbound binary (default /usr/sbin/unbound). */
+  unboundBinary?: string;
+  /** For tests: called at the points where a race with close() or a dying unbound matters, to make it happen. */
+  testHooks?: UnboundTestHooks;
+}
+
+export interface UnboundTestHooks {
+  /** A (re)start wrote the config and is about to spawn unbound. */
+  beforeSpawn?(): void | Promise<void>;
+  /** A config reload was asked of the unbound whose pid is given; its answer is awaited next. */
+  afterReloadSent?(pid: number | undefined): void | Promise<void>;
 }
 
 /** A name's records as unbound local-data lines, in the order they are served. */
 type ViewData = Map<string, string[]>;
+
+interface ViewState {
+  spec: ViewSpec;
+  /** Compiled names per app, with the zone's token they were compiled for. */
+  apps: Map<string, { token: object; data: ViewData }>;
+  /** `_apps` and `_instances`, with the apps and tokens they were compiled for. */
+  lists: { apps: string[]; tokens: object[]; data: ViewData } | undefined;
+  /** Every name's records. */
+  data: ViewData;
+}
 
 interface ViewSpec {
   /** unbound's view name. */
@@ -60,9 +86,11 @@ interface ViewSpec {
 
 /** Starts unbound with the current zone and keeps it current; resolves once it answers (addresses in use are retried). */
 export async function startUnboundDns(opts: UnboundDnsOptions): Promise<RunningDns> {
-  if (!existsSync(unboundBinary)) {
-    throw new TarmacError('failed_precondition', `dns.engine "unbound" needs ${unboundBinary} (apt-get install unbound), or set dns.engine = "node"`);
+  const binary = opts.unboundBinary ?? unboundBinary;
+  if (!existsSync(binary)) {
+    throw new TarmacError('failed_precondition', `dns.engine "unbound" needs ${binary} (apt-get install unbound), or set dns.engine = "node"`);
   }
+  sourceList(opts.trusted); // throws invalid_argument for an entry that is not an address or range, as the Node engine does
   const dns = new UnboundDns(opts);
   try {
     await dns.start();
@@ -90,8 +118,10 @@ class UnboundDns implements RunningDns {
   /** What unbound holds: view set key, and the records per view. */
   #loadedViews = '';
   #loaded = new Map<string, ViewData>();
-  /** Compiled names per view and app, with the zone's token they were compiled for. */
-  #compiled = new Map<string, { token: object; data: ViewData }>();
+  /** What unbound should hold, per view: kept current from the zone app by app (see `#refresh`). */
+  #state = new Map<string, ViewState>();
+  /** How long working out the last update took (main thread): catalog batches are gathered for five times that long. */
+  #lastSyncMs = 0;
   #removedSinceLoad = 0;
   /** Every operation on unbound, one at a time. */
   #queue: Promise<void> = Promise.resolve();
@@ -101,16 +131,34 @@ class UnboundDns implements RunningDns {
   #restarting = false;
   #started = false;
   #reloadTimer: NodeJS.Timeout | undefined;
+  #rebindTimer: NodeJS.Timeout | undefined;
+  /** Listen addresses whose port this engine chose (asked on port 0). */
+  readonly #picked = new Set<DnsListen>();
   #lastReload = 0;
   #lastReloadMs = 0;
   #closed = false;
   #recentLog: string[] = [];
   /** TXT lists too long to answer, logged once each. */
   readonly #warnedLong = new Set<string>();
-  readonly #tooLong = (name: string): void => {
-    if (this.#warnedLong.has(name) || this.#warnedLong.size > 1000) return;
-    this.#warnedLong.add(name);
-    this.#opts.log.warn({ name, max: maxTxtList }, 'dns TXT list too long for a DNS message, not served');
+  readonly #warnedTrusted = new Set<string>();
+  #lastSkipLog = 0;
+  #skippedSinceLog = 0;
+  /** A name or record left out: TXT lists too long to answer logged once each, the rest at most every 10 s. */
+  readonly #skip = (name: string, reason: 'too long' | 'unsafe'): void => {
+    if (reason === 'too long') {
+      if (this.#warnedLong.has(name) || this.#warnedLong.size > 1000) return;
+      this.#warnedLong.add(name);
+      this.#opts.log.warn({ name, max: maxTxtList }, 'dns TXT list too long for a DNS message, not served');
+      return;
+    }
+    this.#skippedSinceLog++;
+    const now = Date.now();
+    if (now - this.#lastSkipLog < 10_000) return;
+    this.#lastSkipLog = now;
+    // The name only when it is printable: it comes from the catalog.
+    this.#opts.log.warn({ name: /^[\x20-\x7e]{1,300}$/.test(name) ? name : undefined, count: this.#skippedSinceLog },
+      'dns names or records unbound cannot hold left out (characters or lengths outside what it accepts)');
+    this.#skippedSinceLog = 0;
   };
 
   constructor(opts: UnboundDnsOptions) {
@@ -135,15 +183,17 @@ class UnboundDns implements RunningDns {
   }
 
   async start(): Promise<void> {
-    await mkdir(this.#opts.stateDir, { recursive: true, mode: 0o755 });
+    // Only this process (root) reads the config and speaks to the control socket, which takes commands unauthenticated.
+    await mkdir(this.#opts.stateDir, { recursive: true, mode: 0o700 });
+    await chmod(this.#opts.stateDir, 0o700);
     await this.#killStale();
     for (let attempt = 1; ; attempt++) {
       this.#listen = [];
       this.#deferred = [];
       for (const l of this.#opts.listen) {
-        const fixed = l.port === 0 ? { host: l.host, port: await freePort(l.host) } : { ...l };
-        if ((await probeListen(fixed)) === 'in-use') this.#deferred.push(fixed);
-        else this.#listen.push(fixed);
+        if (l.port === 0) this.#listen.push(await this.#pick(l.host)); // free just now (taken meanwhile: the launch fails, picked again)
+        else if ((await probeListen(l)) === 'in-use') this.#deferred.push({ ...l });
+        else this.#listen.push({ ...l });
       }
       try {
         await this.#enqueue(() => this.#launch());
@@ -157,7 +207,14 @@ class UnboundDns implements RunningDns {
     for (const l of this.#deferred) {
       this.#opts.log.warn({ host: l.host, port: l.port, code: 'EADDRINUSE' }, 'dns listener unavailable, retrying in the background');
     }
-    if (this.#deferred.length > 0) this.#later(rebindMs, () => this.#retryDeferred());
+    if (this.#deferred.length > 0) this.#scheduleRebind();
+  }
+
+  /** A free port on `host` for a listener asked on port 0 (chosen again, rather than waited for, if someone takes it). */
+  async #pick(host: string): Promise<DnsListen> {
+    const l = { host, port: await freePort(host) };
+    this.#picked.add(l);
+    return l;
   }
 
   async close(): Promise<void> {
@@ -166,10 +223,15 @@ class UnboundDns implements RunningDns {
     this.#unsubscribe();
     if (this.#dirty) clearTimeout(this.#dirty);
     if (this.#reloadTimer) clearTimeout(this.#reloadTimer);
+    if (this.#rebindTimer) clearTimeout(this.#rebindTimer);
     for (const t of this.#timers) clearTimeout(t);
     const child = this.#child;
     if (child) await stopChild(child);
     await this.#queue.catch(() => {});
+    // A launch that was under way has stopped its own unbound; this catches one that got further than that.
+    const late = this.#child;
+    if (late) await stopChild(late);
+    this.#child = undefined;
     this.#bound = [];
   }
 
@@ -179,12 +241,16 @@ class UnboundDns implements RunningDns {
   async #launch(): Promise<void> {
     if (this.#closed) return;
     if (this.#listen.length === 0) return; // every address in use: started once one is free (unbound would take localhost:53)
-    const { views, data } = this.#desired();
+    const { views } = this.#refresh();
+    const data = this.#dataOf(views);
     await this.#writeConfig(views, data);
+    await this.#opts.testHooks?.beforeSpawn?.();
+    if (this.#closed) throw new TarmacError('unavailable', 'dns server closed while starting unbound');
     const listen = [...this.#listen];
+    const binary = this.#opts.unboundBinary ?? unboundBinary;
     const [bin, ...args] = existsSync(setprivBinary)
-      ? [setprivBinary, '--pdeathsig', 'KILL', '--', unboundBinary, '-d', '-c', this.#conf] // dies with this process
-      : [unboundBinary, '-d', '-c', this.#conf];
+      ? [setprivBinary, '--pdeathsig', 'KILL', '--', binary, '-d', '-c', this.#conf] // dies with this process
+      : [binary, '-d', '-c', this.#conf];
     const child = spawn(bin!, args, { stdio: ['ignore', 'ignore', 'pipe'] });
     this.#child = child;
     this.#recentLog = [];
@@ -198,17 +264,26 @@ class UnboundDns implements RunningDns {
     let gone: string | undefined;
     void exited.then((how) => { gone = how; });
     for (;;) {
-      if (gone !== undefined || this.#closed) {
-        throw new TarmacError('unavailable', `unbound did not start (${gone ?? 'closed'}): ${this.#recentLog.slice(-3).join(' | ') || 'no output'}`);
+      if (this.#closed) {
+        await stopChild(child); // closed meanwhile: this unbound must not outlive close()
+        if (this.#child === child) this.#child = undefined;
+        throw new TarmacError('unavailable', 'dns server closed while starting unbound');
+      }
+      if (gone !== undefined) {
+        if (this.#child === child) this.#child = undefined;
+        throw new TarmacError('unavailable', `unbound did not start (${gone}): ${this.#recentLog.slice(-3).join(' | ') || 'no output'}. `
+          + `If AppArmor confines unbound, allow its state dir in /etc/apparmor.d/local/usr.sbin.unbound ("${this.#opts.stateDir}/** rw,") `
+          + 'and reload the profile (apparmor_parser -r /etc/apparmor.d/usr.sbin.unbound), or set dns.engine = "node"');
       }
       if (await control(this.#ctl, ['status']).then(() => true, () => false)) break;
       if (Date.now() > deadline) {
-        child.kill('SIGKILL');
+        await stopChild(child);
+        if (this.#child === child) this.#child = undefined;
         throw new TarmacError('unavailable', `unbound did not answer on its control socket within ${readyTimeoutMs} ms`);
       }
       await new Promise((r) => setTimeout(r, 20));
     }
-    this.#loaded = data;
+    this.#loaded = cloneData(data);
     this.#loadedViews = viewsKey(views);
     this.#removedSinceLoad = 0;
     this.#bound = listen;
@@ -236,27 +311,40 @@ class UnboundDns implements RunningDns {
         await this.#reprobe();
         await this.#launch();
         this.#backoffMs = 250;
-      }).catch((e: unknown) => this.#opts.log.error({ err: e }, 'unbound restart failed')).finally(() => {
+      }).catch((e: unknown) => { if (!this.#closed) this.#opts.log.error({ err: e }, 'unbound restart failed'); }).finally(() => {
         this.#restarting = false;
         if (!this.#child && !this.#closed && this.#listen.length > 0) this.#restartLater();
       });
     });
   }
 
-  /** Before a restart: addresses someone else took meanwhile wait in the background. */
+  /** Before a restart: addresses someone else took meanwhile wait in the background; a port chosen for port 0 is chosen again. */
   async #reprobe(): Promise<void> {
     const keep: DnsListen[] = [];
     for (const l of this.#listen) {
-      if ((await probeListen(l)) === 'in-use') this.#deferred.push(l);
-      else keep.push(l);
-    }
-    if (keep.length !== this.#listen.length) {
-      for (const l of this.#listen.filter((x) => !keep.includes(x))) {
+      if ((await probeListen(l)) !== 'in-use') keep.push(l);
+      else if (this.#picked.has(l)) {
+        this.#picked.delete(l);
+        const again = await this.#pick(l.host);
+        this.#opts.log.warn({ host: l.host, port: again.port, was: l.port }, 'dns listener port taken by someone else, listening on another');
+        keep.push(again);
+      } else {
+        this.#deferred.push(l);
         this.#opts.log.warn({ host: l.host, port: l.port, code: 'EADDRINUSE' }, 'dns listener unavailable, retrying in the background');
+        this.#scheduleRebind();
       }
-      this.#later(rebindMs, () => this.#retryDeferred());
     }
     this.#listen = keep;
+  }
+
+  /** One pending retry of the addresses in use at a time. */
+  #scheduleRebind(): void {
+    if (this.#rebindTimer || this.#closed) return;
+    this.#rebindTimer = setTimeout(() => {
+      this.#rebindTimer = undefined;
+      if (!this.#closed) this.#retryDeferred();
+    }, rebindMs);
+    this.#rebindTimer.unref();
   }
 
   /** Addresses that were in use: once free, unbound restarts listening on them too (it cannot add a listener live). */
@@ -275,8 +363,8 @@ class UnboundDns implements RunningDns {
         await this.#launch();
         for (const l of free) this.#opts.log.info({ host: l.host, port: l.port }, 'dns listener bound');
       }
-    }).catch((e: unknown) => this.#opts.log.error({ err: e }, 'dns listener retry failed')).finally(() => {
-      if (this.#deferred.length > 0) this.#later(rebindMs, () => this.#retryDeferred());
+    }).catch((e: unknown) => { if (!this.#closed) this.#opts.log.error({ err: e }, 'dns listener retry failed'); }).finally(() => {
+      if (this.#deferred.length > 0) this.#scheduleRebind();
       if (!this.#child && !this.#closed && this.#listen.length > 0) this.#restartLater();
     });
   }
@@ -298,7 +386,7 @@ class UnboundDns implements RunningDns {
     const pid = Number((await readFile(this.#pidFile, 'utf8').catch(() => '')).trim());
     if (!Number.isInteger(pid) || pid <= 0) return;
     const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (!cmdline.includes(this.#conf)) return;
+    if (!cmdline.split('\0').includes(this.#conf)) return; // exactly our config, not one whose path starts like it
     try {
       process.kill(pid, 'SIGKILL');
       this.#opts.log.warn({ pid }, 'stopped an unbound left by an earlier run');
@@ -316,12 +404,13 @@ class UnboundDns implements RunningDns {
     this.#dirty = setTimeout(() => {
       this.#dirty = undefined;
       void this.#enqueue(() => this.#sync()).catch((e: unknown) => {
+        if (this.#closed) return; // closing stopped it: nothing to log or retry
         // unbound may now hold part of the change: the next try reloads everything.
         this.#opts.log.error({ err: e }, 'dns update failed, retrying with a reload');
         this.#loadedViews = '';
         this.#later(1000, () => this.#schedule());
       });
-    }, debounceMs);
+    }, Math.min(maxDebounceMs, Math.max(debounceMs, 5 * this.#lastSyncMs)));
   }
 
   /**
@@ -332,11 +421,13 @@ class UnboundDns implements RunningDns {
   async #sync(): Promise<void> {
     if (!this.#child || this.#closed) return; // a (re)start loads everything anyway
     const started = performance.now();
-    const { views, data } = this.#desired();
+    const { views, touched } = this.#refresh();
     const viewsChanged = viewsKey(views) !== this.#loadedViews;
-    const plan = viewsChanged ? undefined : diff(this.#loaded, data);
+    const data = this.#dataOf(views);
+    const plan = viewsChanged ? undefined : diff(this.#loaded, data, touched);
+    this.#lastSyncMs = performance.now() - started; // this process's own work (the debounce grows with it)
     if (!plan || this.#removedSinceLoad + plan.removedBytes > compactAfterRemovedBytes) {
-      await this.#reload(views, data, plan ? 'compaction' : 'views changed');
+      await this.#reload(views, plan ? 'compaction' : 'views changed');
       return;
     }
     // New names and grown record sets first (nothing gets worse), then per view the removals and re-adds back to back
@@ -346,8 +437,13 @@ class UnboundDns implements RunningDns {
       // At most 64 KiB per command: unbound reads a command's lines with the whole server waiting, so each one must
       // fit the socket buffer at once rather than trickle in as this process gets to write it.
       for (const chunk of chunks(items, 64 << 10)) {
-        await control(this.#ctl, args, chunk.join('\n') + '\n');
+        const reply = await control(this.#ctl, args, chunk.join('\n') + '\n');
         commands++;
+        // unbound says how many lines it took: fewer means part of the change is missing (the caller reloads then).
+        const took = /^(?:added|removed) (\d+) datas$/m.exec(reply)?.[1];
+        if (took !== undefined && Number(took) !== chunk.length) {
+          throw new Error(`unbound control ${args[0]}: took ${took} of ${chunk.length} lines`);
+        }
       }
     };
     for (const [view, lines] of plan.add) await send(['view_local_datas', view], lines);
@@ -356,23 +452,31 @@ class UnboundDns implements RunningDns {
       const lines = plan.readd.get(view);
       if (lines && lines.length > 0) await send(['view_local_datas', view], lines);
     }
-    for (const [view, name] of plan.deferred) { // unbound still has the old records of these
-      const old = this.#loaded.get(view)?.get(name);
-      if (old) data.get(view)!.set(name, old);
-      else data.get(view)!.delete(name);
+    const deferred = new Set(plan.deferred.map(([view, name]) => `${view}\0${name}`)); // unbound still has their old records
+    for (const [view, names] of touched) {
+      const loaded = this.#loaded.get(view)!;
+      const want = data.get(view)!;
+      for (const name of names) {
+        if (deferred.has(`${view}\0${name}`)) continue;
+        const lines = want.get(name);
+        if (lines) loaded.set(name, lines);
+        else loaded.delete(name);
+      }
     }
-    this.#loaded = data;
     this.#removedSinceLoad += plan.removedBytes;
     this.#opts.log.debug({ ms: Math.round(performance.now() - started), commands, deferred: plan.deferred.length }, 'unbound updated');
     if (plan.deferred.length > 0) this.#reloadSoon();
   }
 
-  async #reload(views: ViewSpec[], data: Map<string, ViewData>, reason: string): Promise<void> {
+  async #reload(views: ViewSpec[], reason: string): Promise<void> {
     const started = Date.now();
+    const data = this.#dataOf(views);
     await this.#writeConfig(views, data);
+    const child = this.#child;
     await control(this.#ctl, ['reload']);
-    await waitControl(this.#ctl);
-    this.#loaded = data;
+    await this.#opts.testHooks?.afterReloadSent?.(child?.pid);
+    await this.#waitControl(child);
+    this.#loaded = cloneData(data);
     this.#loadedViews = viewsKey(views);
     this.#removedSinceLoad = 0;
     this.#lastReloadMs = Date.now() - started;
@@ -389,9 +493,9 @@ class UnboundDns implements RunningDns {
       if (this.#closed) return;
       void this.#enqueue(async () => {
         if (!this.#child || this.#closed) return;
-        const { views, data } = this.#desired();
-        await this.#reload(views, data, 'long records');
+        await this.#reload(this.#refresh().views, 'long records');
       }).catch((e: unknown) => {
+        if (this.#closed) return;
         this.#opts.log.error({ err: e }, 'dns reload failed, retrying');
         this.#loadedViews = '';
         this.#later(1000, () => this.#schedule());
@@ -401,31 +505,85 @@ class UnboundDns implements RunningDns {
   }
 
   /**
-   * The views unbound should have and every view's records, from the zone. An app's names are compiled again only when
-   * its token changed (its machines or row), so a change costs about its own app, not the fleet.
+   * Brings the views unbound should have and their records up to the zone, and says which names (per view) may have
+   * changed. An app's names are compiled again only when its token changed (its machines or row), and the lists
+   * (`_apps`, `_instances`) only when a view's apps or their tokens did: a change costs about its own app, not the fleet.
    */
-  #desired(): { views: ViewSpec[]; data: Map<string, ViewData> } {
+  #refresh(): { views: ViewSpec[]; touched: Map<string, Set<string>> } {
     const region = this.#opts.region;
     const views: ViewSpec[] = [];
-    if (this.#opts.trusted.length > 0) views.push({ name: 'trusted', sources: [...this.#opts.trusted], zoneView: { org: undefined, region } });
-    for (const o of this.#zone.orgs()) views.push({ name: `org-${o.network}`, sources: [networkCidr(o.network)], zoneView: { org: o.slug, region } });
-    const data = new Map<string, ViewData>();
-    const cache = new Map<string, { token: object; data: ViewData }>();
+    // One view per network, for the org the Node engine gives it (a network number the address cannot hold has none).
+    const orgs = this.#zone.orgs().filter((o) => Number.isInteger(o.network) && o.network >= 0 && o.network <= 0xffffffff
+      && this.#zone.orgOfNetwork(o.network) === o.slug);
+    const trusted = this.#trustedSources(new Set(orgs.map((o) => o.network)));
+    if (trusted.length > 0) views.push({ name: 'trusted', sources: trusted, zoneView: { org: undefined, region } });
+    for (const o of orgs) views.push({ name: `org-${o.network}`, sources: [networkCidr(o.network)], zoneView: { org: o.slug, region } });
+    const touched = new Map<string, Set<string>>();
+    const next = new Map<string, ViewState>();
     for (const v of views) {
-      const out: ViewData = new Map();
-      for (const app of this.#zone.appNames(v.zoneView)) {
-        const key = `${v.name}\0${app}`;
-        const token = this.#zone.appToken(app);
-        let hit = this.#compiled.get(key);
-        if (!hit || hit.token !== token) hit = { token, data: compile(this.#zone.appRecords(v.zoneView, app, topCap), this.#tooLong) };
-        cache.set(key, hit);
-        for (const [name, lines] of hit.data) out.set(name, lines);
+      let st = this.#state.get(v.name);
+      if (!st || st.spec.zoneView.org !== v.zoneView.org) st = { spec: v, apps: new Map(), lists: undefined, data: new Map() };
+      st.spec = v;
+      next.set(v.name, st);
+      const changed = new Set<string>();
+      touched.set(v.name, changed);
+      const state = st;
+      const replace = (old: ViewData | undefined, now: ViewData | undefined) => {
+        if (old) for (const name of old.keys()) if (!now?.has(name)) { state.data.delete(name); changed.add(name); }
+        if (now) for (const [name, lines] of now) if (old?.get(name) !== lines) { state.data.set(name, lines); changed.add(name); }
+      };
+      const apps = this.#zone.appNames(v.zoneView);
+      const tokens = apps.map((a) => this.#zone.appToken(a));
+      if (st.apps.size > apps.length || apps.some((a) => !state.apps.has(a))) {
+        const current = new Set(apps);
+        for (const [app, hit] of st.apps) {
+          if (current.has(app)) continue;
+          replace(hit.data, undefined);
+          st.apps.delete(app);
+        }
       }
-      for (const [name, lines] of compile(this.#zone.listRecords(v.zoneView), this.#tooLong)) out.set(name, lines);
-      data.set(v.name, out);
+      for (let i = 0; i < apps.length; i++) {
+        const app = apps[i]!;
+        const hit = st.apps.get(app);
+        if (hit?.token === tokens[i]) continue;
+        const data = compile(this.#zone.appRecords(v.zoneView, app, topCap), this.#skip);
+        for (const name of listNames) data.delete(name); // the lists' own names (an app named _apps) stay the lists'
+        replace(hit?.data, data);
+        st.apps.set(app, { token: tokens[i]!, data });
+      }
+      const lists = st.lists;
+      if (!lists || lists.apps.length !== apps.length || lists.apps.some((a, i) => a !== apps[i] || lists.tokens[i] !== tokens[i])) {
+        const data = compile(this.#zone.listRecords(v.zoneView), this.#skip);
+        replace(lists?.data, data);
+        st.lists = { apps, tokens, data };
+      }
     }
-    this.#compiled = cache;
-    return { views, data };
+    this.#state = next;
+    return { views, touched };
+  }
+
+  /** Every view's records, as `#refresh` left them. */
+  #dataOf(views: ViewSpec[]): Map<string, ViewData> {
+    return new Map(views.map((v) => [v.name, this.#state.get(v.name)!.data]));
+  }
+
+  /**
+   * `dns.trusted` without the entries that lie inside a known org's /48 (the whole /48, a narrower range, one address):
+   * unbound picks the view by longest prefix (the trusted view winning ties), so such an entry would show that org's
+   * machines every org's names. The Node engine checks the org first; this keeps unbound the same. Recomputed with
+   * the views (an org created later drops an entry then), each dropped entry logged once.
+   */
+  #trustedSources(networks: Set<number>): string[] {
+    return this.#opts.trusted.filter((source) => {
+      const network = privateNetworkOfRange(source);
+      if (network === undefined || !networks.has(network)) return true;
+      const key = `${source}\0${network}`;
+      if (!this.#warnedTrusted.has(key)) {
+        this.#warnedTrusted.add(key);
+        this.#opts.log.warn({ source, network }, 'dns.trusted entry inside an organization\'s network ignored: its machines see only their organization\'s names');
+      }
+      return false;
+    });
   }
 
   async #writeConfig(views: ViewSpec[], data: Map<string, ViewData>): Promise<void> {
@@ -435,8 +593,30 @@ class UnboundDns implements RunningDns {
       upstreams: this.#opts.upstreams.filter((u) => !this.#opts.listen.some((l) => l.host === u.host && l.port === u.port)
         && !this.#listen.some((l) => l.host === u.host && l.port === u.port)), // never forward to ourselves
     });
-    await writeFile(`${this.#conf}.tmp`, text, { mode: 0o644 });
+    await writeFile(`${this.#conf}.tmp`, text, { mode: 0o600 });
+    await chmod(`${this.#conf}.tmp`, 0o600); // an older file of a crashed run keeps its mode otherwise
     await rename(`${this.#conf}.tmp`, this.#conf);
+  }
+
+  /**
+   * Waits for unbound's control socket to answer again (after a reload). Gives up at once when that unbound exited or
+   * was replaced, or the engine closed: the restart (queued behind) must not wait out the timeout.
+   */
+  async #waitControl(child: ChildProcess | undefined): Promise<void> {
+    const deadline = Date.now() + readyTimeoutMs;
+    for (;;) {
+      if (this.#closed) throw new TarmacError('unavailable', 'dns server closed during an unbound reload');
+      if (!child || this.#child !== child || child.exitCode !== null || child.signalCode !== null) {
+        throw new TarmacError('unavailable', 'unbound exited during a reload');
+      }
+      try {
+        await control(this.#ctl, ['status']);
+        return;
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
   }
 
   #enqueue(op: () => Promise<void>): Promise<void> {
@@ -446,6 +626,7 @@ class UnboundDns implements RunningDns {
   }
 
   #later(ms: number, fn: () => void): void {
+    if (this.#closed) return;
     const t = setTimeout(() => {
       this.#timers.delete(t);
       if (!this.#closed) fn();
@@ -458,58 +639,91 @@ class UnboundDns implements RunningDns {
 // ---- records to unbound local-data
 
 const nameOk = (n: string) => n.length <= 253 && /^[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*$/.test(n);
-/** A TXT character-string in presentation form: `"` and `\` escaped; `'` (it quotes config lines) and anything unprintable as \DDD. */
-const quote = (s: string) => `"${s.replace(/[\\"']|[^\x20-\x7e]/gu, (c) => (c === '"' || c === '\\' ? `\\${c}`
-  : [...Buffer.from(c, 'utf8')].map((b) => `\\${String(b).padStart(3, '0')}`).join('')))}"`;
+/**
+ * One character of a TXT character-string in presentation form: `"` and `\` escaped; `'` (it quotes config lines) and
+ * anything else outside printable ASCII as \DDD per UTF-8 byte.
+ */
+const escapeChar = (c: string) => (c === '"' || c === '\\' ? `\\${c}`
+  : /^[\x20-\x7e]$/.test(c) && c !== "'" ? c : [...Buffer.from(c, 'utf8')].map((b) => `\\${String(b).padStart(3, '0')}`).join(''));
+const escapeText = (s: string) => s.replace(/[\\"']|[^\x20-\x7e]/gu, escapeChar);
 
-/** Text of a TXT record split into DNS character-strings of at most 255 bytes, as the Node engine splits it. */
-function stringsOf(text: string): string[] {
-  const out: string[] = [];
-  for (let i = 0; i < text.length; i += 255) out.push(text.slice(i, i + 255));
-  return out.length > 0 ? out : [''];
-}
+/** Text of a TXT record as quoted, escaped DNS character-strings of at most 255 bytes each, as the Node engine splits it. */
+const txtStrings = (text: string): string[] => txtChunks(text).map((c) => `"${escapeText(c)}"`);
 
-/** Text per TXT record: one record, unless it would not fit a control-socket line (see `txtRecordMax`). */
+/** Text per TXT record: one record, unless its escaped form would not fit a control-socket line (see `txtRecordMax`). */
 function txtParts(name: string, text: string): string[] {
-  if (text.length <= txtRecordMax) return [text];
+  const plain = /^[\x20-\x21\x23-\x26\x28-\x5b\x5d-\x7e]*$/.test(text); // nothing to escape: lengths as they are
+  const escaped = (s: string) => (plain ? s.length : escapeText(s).length);
+  if (escaped(text) <= txtRecordMax) return [text];
   const sep = name === `_instances.${zoneName}` ? ';' : ',';
   const parts: string[] = [];
   let current = '';
+  let size = 0;
   for (const entry of text.split(sep)) {
-    if (current !== '' && current.length + 1 + entry.length > txtRecordMax) {
+    const n = escaped(entry);
+    if (current !== '' && size + 1 + n > txtRecordMax) {
       parts.push(`${current}${sep}`);
       current = entry;
-    } else current = current === '' ? entry : `${current}${sep}${entry}`;
+      size = n;
+    } else {
+      current = current === '' ? entry : `${current}${sep}${entry}`;
+      size += (size === 0 ? 0 : 1) + n;
+    }
   }
   parts.push(current);
   return parts;
 }
 
-/** The zone's records of one view as local-data lines; names unbound cannot hold (odd characters) are left out. */
-function compile(r: PrecompiledNames, tooLong: (name: string) => void): ViewData {
+/** The longest local-data line written: far below what a DNS record holds (65535 bytes of data). */
+const maxLine = 16_384;
+const txtString = String.raw`"(?:[\x20\x21\x23-\x26\x28-\x5b\x5d-\x7e]|\\[\\"]|\\(?:[01]\d\d|2[0-4]\d|25[0-5]))*"`;
+const rrShape = new RegExp(String.raw`^[a-z0-9_.-]{1,254}\. \d+ IN (?:AAAA [0-9a-f:.]{2,45}|TXT ${txtString}(?: ${txtString})*|TYPE65280 \\# 0)$`);
+
+/**
+ * Whether unbound accepts `line` as local data: the shapes this file writes, printable ASCII only (no `'`, which quotes
+ * config lines), character-strings of at most 255 bytes, a bounded length. Catalog data (app names,
+ * regions, metadata) reach these lines; one unbound rejects would stop it reading its config, so anything else is left out.
+ */
+export function localDataOk(line: string): boolean {
+  if (line.length > maxLine || !rrShape.test(line)) return false;
+  if (line.includes(' IN AAAA ')) return isIP(line.slice(line.lastIndexOf(' ') + 1)) === 6;
+  if (line.includes(' IN TXT ')) {
+    for (const m of line.slice(line.indexOf(' IN TXT ') + 8).matchAll(/"((?:[^"\\]|\\.)*)"/g)) {
+      if (m[1]!.replace(/\\\d{3}|\\./g, '.').length > 255) return false; // bytes: an escape stands for one
+    }
+  }
+  return true;
+}
+
+/** The zone's records of one view as local-data lines; names and records unbound cannot hold (odd characters, lengths) are left out. */
+function compile(r: PrecompiledNames, skip: (name: string, reason: 'too long' | 'unsafe') => void): ViewData {
   const out: ViewData = new Map();
   for (const [name, answers] of r.records) {
-    if (!nameOk(name)) continue;
+    if (!nameOk(name)) {
+      skip(name, 'unsafe');
+      continue;
+    }
     const lines: string[] = [];
     for (const a of answers) {
-      if (a.type === 'AAAA') {
-        if (isIP(String(a.data)) === 6) lines.push(`${name}. ${internalTtl} IN AAAA ${a.data}`); // a bad line would stop unbound
-      }
+      if (a.type === 'AAAA') lines.push(`${name}. ${internalTtl} IN AAAA ${String(a.data).toLowerCase()}`);
       else if (a.type === 'TXT') {
         const text = (Array.isArray(a.data) ? a.data : [a.data]).map((c) => c.toString()).join('');
         if (text.length > maxTxtList) {
-          tooLong(name);
+          skip(name, 'too long');
           continue;
         }
-        for (const part of txtParts(name, text)) lines.push(`${name}. ${internalTtl} IN TXT ${stringsOf(part).map(quote).join(' ')}`);
+        for (const part of txtParts(name, text)) lines.push(`${name}. ${internalTtl} IN TXT ${txtStrings(part).join(' ')}`);
       }
     }
-    if (lines.length > 0) out.set(name, lines);
+    const safe = lines.filter((l) => localDataOk(l));
+    if (safe.length < lines.length) skip(name, 'unsafe');
+    if (safe.length > 0) out.set(name, safe);
   }
   // A name that exists without records (an app with no started machine, its vms/regions/vm/process names): a
   // placeholder record one label below makes it exist, so it answers NODATA rather than NXDOMAIN, as in the zone.
   for (const name of r.empty) {
     if (nameOk(`_.${name}`)) out.set(`_.${name}`, [`_.${name}. ${internalTtl} IN ${placeholderType} \\# 0`]);
+    else skip(name, 'unsafe');
   }
   return out;
 }
@@ -529,7 +743,7 @@ interface Plan {
  * name whose records only grew gets the new ones added; one that lost records (or whose order matters: top<N>) is
  * removed and added again.
  */
-function diff(from: Map<string, ViewData>, to: Map<string, ViewData>): Plan {
+function diff(from: Map<string, ViewData>, to: Map<string, ViewData>, touched: Map<string, Set<string>>): Plan {
   const plan: Plan = { add: new Map(), remove: new Map(), readd: new Map(), removedBytes: 0, deferred: [] };
   const push = (m: Map<string, string[]>, view: string, items: string[]) => {
     if (items.length === 0) return;
@@ -537,10 +751,19 @@ function diff(from: Map<string, ViewData>, to: Map<string, ViewData>): Plan {
     if (list) list.push(...items);
     else m.set(view, [...items]);
   };
-  for (const [view, want] of to) {
+  for (const [view, names] of touched) {
+    const want = to.get(view) ?? new Map<string, string[]>();
     const have = from.get(view) ?? new Map<string, string[]>();
-    for (const [name, lines] of want) {
+    for (const name of names) {
       const old = have.get(name);
+      const lines = want.get(name);
+      if (!lines) {
+        if (old) {
+          push(plan.remove, view, [name]);
+          plan.removedBytes += old.reduce((n, l) => n + l.length, 0);
+        }
+        continue;
+      }
       if (old === lines || (old && old.length === lines.length && old.every((l, i) => l === lines[i]))) continue;
       if (lines.some((l) => l.length > maxControlLine)) {
         plan.deferred.push([view, name]);
@@ -557,11 +780,6 @@ function diff(from: Map<string, ViewData>, to: Map<string, ViewData>): Plan {
         push(plan.readd, view, [...lines].reverse());
         plan.removedBytes += old.reduce((n, l) => n + l.length, 0);
       }
-    }
-    for (const [name, old] of have) {
-      if (want.has(name)) continue;
-      push(plan.remove, view, [name]);
-      plan.removedBytes += old.reduce((n, l) => n + l.length, 0);
     }
   }
   return plan;
@@ -583,6 +801,11 @@ function chunks(items: string[], bytes: number): string[][] {
   }
   if (run.length > 0) out.push(run);
   return out;
+}
+
+/** A copy of every view's map (the record arrays shared: they are never changed once made). */
+function cloneData(data: Map<string, ViewData>): Map<string, ViewData> {
+  return new Map([...data].map(([view, names]) => [view, new Map(names)]));
 }
 
 function viewsKey(views: ViewSpec[]): string {
@@ -682,19 +905,6 @@ function control(socket: string, args: string[], stdin?: string): Promise<string
   });
 }
 
-/** Waits for the control socket to answer again (after a reload). */
-async function waitControl(conf: string): Promise<void> {
-  const deadline = Date.now() + readyTimeoutMs;
-  for (;;) {
-    try {
-      await control(conf, ['status']);
-      return;
-    } catch (e) {
-      if (Date.now() > deadline) throw e;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-}
 
 async function stopChild(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;

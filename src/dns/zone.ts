@@ -63,6 +63,8 @@ export class Zone {
   readonly #hosts = new Set<string>();
   /** Started instances of an app on a registered host, sorted by id; dropped when the app's machines change. */
   readonly #instances = new Map<string, Instance[]>();
+  /** Lists dropped because a machine or host changed: kept when recomputed equal, so `appToken` stays the same. */
+  readonly #stale = new Map<string, Instance[]>();
   #generation = 0;
 
   constructor(source: ZoneSource) {
@@ -96,11 +98,13 @@ export class Zone {
         case 'app':
           if (c.op === 'put' && c.value) this.#apps.set(c.key, c.value);
           else this.#apps.delete(c.key);
-          this.#instances.delete(c.key);
+          this.#instances.delete(c.key); // a new token: the app's row changed
+          this.#stale.delete(c.key);
           break;
         case 'host':
           if (c.op === 'put') this.#hosts.add(c.key);
           else this.#hosts.delete(c.key);
+          for (const [app, list] of this.#instances) this.#stale.set(app, list);
           this.#instances.clear();
           break;
         case 'machine_spec':
@@ -119,7 +123,7 @@ export class Zone {
             this.#machines.delete(c.key);
             this.#appMachines.get(app)?.delete(c.key);
           }
-          this.#instances.delete(app);
+          this.#drop(app);
           break;
         }
         default:
@@ -239,6 +243,14 @@ export class Zone {
     return { records, empty: existing.filter((n) => !covered.has(n)) };
   }
 
+  #drop(app: string): void {
+    const list = this.#instances.get(app);
+    if (list) {
+      this.#stale.set(app, list);
+      this.#instances.delete(app);
+    }
+  }
+
   #putOrg(slug: string, network: number): void {
     this.#orgsByNetwork.set(network, slug);
     this.#orgNetwork.set(slug, network);
@@ -271,10 +283,15 @@ export class Zone {
       list.push({ id, app, region: spec.region, ip: spec.private_ip, group: spec.config.metadata?.['fly_process_group'] ?? 'app' });
     }
     list.sort(byId);
+    const old = this.#stale.get(app);
+    this.#stale.delete(app);
+    if (old && old.length === list.length && old.every((o, i) => sameInstance(o, list![i]!))) list = old; // nothing DNS shows changed
     this.#instances.set(app, list);
     return list;
   }
 }
+
+const sameInstance = (a: Instance, b: Instance) => a.id === b.id && a.region === b.region && a.ip === b.ip && a.group === b.group;
 
 const nxdomain: Resolution = { rcode: rcode.nxdomain, answers: [], negative: true };
 const nodata: Resolution = { rcode: rcode.noerror, answers: [], negative: true };
@@ -293,9 +310,34 @@ function aaaa(name: string, qtype: number, instances: Instance[], exists: boolea
 /** One TXT record holding `text` (split into 255-byte strings); NODATA when empty or another type is asked. */
 function txt(name: string, qtype: number, text: string): Resolution {
   if (text === '' || (qtype !== qtypes.TXT && qtype !== qtypes.ANY)) return nodata;
+  return answer([{ type: 'TXT', name, ttl: internalTtl, data: txtChunks(text) }]);
+}
+
+/**
+ * `text` as DNS character-strings of at most 255 bytes (UTF-8) each, never cutting a character: catalog data (regions,
+ * names) may hold any character. ASCII text is cut every 255 characters.
+ */
+export function txtChunks(text: string): string[] {
+  if (!/[^\x00-\x7f]/.test(text)) {
+    const chunks: string[] = [];
+    for (let i = 0; i < text.length; i += 255) chunks.push(text.slice(i, i + 255));
+    return chunks;
+  }
   const chunks: string[] = [];
-  for (let i = 0; i < text.length; i += 255) chunks.push(text.slice(i, i + 255));
-  return answer([{ type: 'TXT', name, ttl: internalTtl, data: chunks }]);
+  let current = '';
+  let bytes = 0;
+  for (const c of text) {
+    const n = Buffer.byteLength(c, 'utf8');
+    if (bytes + n > 255) {
+      chunks.push(current);
+      current = '';
+      bytes = 0;
+    }
+    current += c;
+    bytes += n;
+  }
+  chunks.push(current);
+  return chunks;
 }
 
 /** The zone's SOA: sent in the authority section of negative answers, its minimum is the negative-caching TTL. */

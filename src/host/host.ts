@@ -12,7 +12,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, FIREWALL_TABLE, NETWORKS_SET, type Driver } from '../orchestrator/index.ts';
 import { hostMeshAddress, meshIdentity, startLocalNetworks, startMesh, MIN_MESH_HOST_NUMBER } from '../mesh/index.ts';
-import { defaultDnsEngine, parseUpstream, startDns, upstreamsFromResolvConf, type RunningDns } from '../dns/index.ts';
+import { parseUpstream, startDns, upstreamsFromResolvConf, type RunningDns } from '../dns/index.ts';
 import { AcmeManager, defaultAcmePolicy } from '../acme/index.ts';
 import { TarmacError } from '../shared/errors.ts';
 import { hashToken, newToken } from '../shared/ids.ts';
@@ -189,14 +189,14 @@ async function startHostDns(config: HostConfig, catalog: Catalog, isWorker: bool
   const upstreams = config.dns.upstreams.length > 0
     ? config.dns.upstreams.map(parseUpstream)
     : upstreamsFromResolvConf(await readFile('/etc/resolv.conf', 'utf8').catch(() => ''));
-  const engine = config.dns.engine ?? defaultDnsEngine();
   const dnsLog = log.child({ component: 'dns' });
-  dnsLog.info({ engine, explicit: config.dns.engine !== undefined }, 'dns engine');
-  return startDns({
-    engine, stateDir: join(config.data_dir, 'dns'),
+  const dns = await startDns({
+    engine: config.dns.engine, stateDir: join(config.data_dir, 'dns'), // none set: unbound if it starts, else node
     catalog, upstreams, trusted: config.dns.trusted, region: config.region, log: dnsLog,
     listen: [config.dns.listen, ...(isWorker ? [{ host: privateDnsAddress, port: 53 }] : [])],
   });
+  dnsLog.info({ engine: dns.engine, explicit: config.dns.engine !== undefined }, 'dns engine');
+  return dns;
 }
 
 async function hostIdentity(dataDir: string, config: HostConfig): Promise<string> {
