@@ -8,6 +8,7 @@ import {
   type Peer, startHaproxy, startNginxBackend, startNginxProxy, startNodeScript, treeCpuSeconds,
 } from './processes.ts';
 import { runWrk, writeWrkScript, type WrkResult } from './wrk.ts';
+import { proxyWorkerHeapFlags } from '../../src/proxy/index.ts';
 import { benchTls } from './tls.ts';
 import { benchWebSocket } from './ws.ts';
 import { benchIdle } from './idle.ts';
@@ -31,6 +32,8 @@ interface Target {
   readonly cpuPid: number;
   readonly node: boolean;
   readonly tarmac: boolean;
+  /** The bare node:http + undici proxy: the floor of what Tarmac's proxy can cost in Node, not a peer to beat. */
+  readonly floor: boolean;
 }
 
 interface Run extends WrkResult { cpuSeconds: number }
@@ -97,12 +100,15 @@ async function benchHttp(opts: BenchProxyOptions): Promise<string> {
     const start = async (p: Promise<Peer>) => { const peer = await p; peers.push(peer); return peer; };
     const nginx = await start(startNginxProxy(dir, backend.port));
     const haproxy = await start(startHaproxy(dir, backend.port));
-    const tarmac = await start(startNodeScript('Tarmac', 'tarmac-proxy.ts', [dir, String(backend.port)]));
+    // The young generation sized as the host's start command (bin/tarmac.mjs) and the cluster's workers have it.
+    const tarmac = await start(startNodeScript('Tarmac', 'tarmac-proxy.ts', [dir, String(backend.port)], [...proxyWorkerHeapFlags]));
     const tarmac2 = await start(startNodeScript('Tarmac cluster x2', 'tarmac-proxy.ts', [dir, String(backend.port), '2']));
     const httpProxy = await start(startNodeScript('http-proxy', 'node-peer.ts', ['http-proxy', String(backend.port)]));
     const fastify = await start(startNodeScript('@fastify/http-proxy', 'node-peer.ts', ['fastify', String(backend.port)]));
-    const target = (name: string, p: Peer, flags: { node?: boolean; tarmac?: boolean } = {}): Target =>
-      ({ name, port: p.port, cpuPid: p.pid, node: flags.node ?? false, tarmac: flags.tarmac ?? false });
+    const bare = await start(startNodeScript('bare node:http + undici', 'node-peer.ts', ['undici', String(backend.port)], [...proxyWorkerHeapFlags]));
+    const bare2 = await start(startNodeScript('bare, cluster x2', 'node-peer.ts', ['undici2', String(backend.port)], [...proxyWorkerHeapFlags]));
+    const target = (name: string, p: Peer, flags: { node?: boolean; tarmac?: boolean; floor?: boolean } = {}): Target =>
+      ({ name, port: p.port, cpuPid: p.pid, node: flags.node ?? false, tarmac: flags.tarmac ?? false, floor: flags.floor ?? false });
     const targets: Target[] = [
       target('direct (nginx backend)', backend),
       target('nginx', nginx),
@@ -111,6 +117,8 @@ async function benchHttp(opts: BenchProxyOptions): Promise<string> {
       target('Tarmac cluster x2', tarmac2, { node: true, tarmac: true }),
       target('http-proxy', httpProxy, { node: true }),
       target('@fastify/http-proxy', fastify, { node: true }),
+      target(bare.name, bare, { node: true, floor: true }),
+      target(bare2.name, bare2, { node: true, floor: true }),
     ];
 
     const once = async (t: Target, c: number, secs: number): Promise<Run> => {
@@ -200,7 +208,8 @@ function report(o: {
   });
 
   const checks: string[] = [];
-  const peers = o.targets.filter((t) => t.node && !t.tarmac);
+  const peers = o.targets.filter((t) => t.node && !t.tarmac && !t.floor);
+  const floors = o.targets.filter((t) => t.floor);
   for (const t of tarmacs) {
     const added = s(t, low).p50 - s(direct, low).p50;
     const h = s(t, high);
@@ -219,8 +228,10 @@ function report(o: {
 Every target shares the same two cores with wrk (one thread) and the nginx backend (one worker), so throughput at
 ${high} connections is CPU per request against what is left of two cores. CPU per proxied request, measured from
 /proc over each target's whole process tree: nginx ${n(ng.cpuPerReq, 1)} µs, HAProxy ${n(s(o.targets.find((t) => t.name === 'HAProxy')!, high).cpuPerReq, 1)} µs,
-${tarmacs.map((t) => `${t.name} ${n(s(t, high).cpuPerReq, 1)} µs`).join(', ')}. A single Node process also uses one core at most, where nginx and HAProxy
-spread over both. Closing the gap takes less CPU per request (HTTP parsing and the JS↔native crossings of
+${tarmacs.map((t) => `${t.name} ${n(s(t, high).cpuPerReq, 1)} µs`).join(', ')}; the bare node:http + undici proxy
+${floors.map((t) => `${t.name === 'bare node:http + undici' ? 'in one process' : 'as two cluster workers'} ${n(s(t, high).cpuPerReq, 1)} µs (${n(ratioToNginx(s(t, high)), 2)} of nginx's requests/s)`).join(', ')}:
+the difference is what Tarmac's own work (routing, Fly headers, request ids, concurrency accounting, metrics) costs.
+A single Node process also uses one core at most, where nginx and HAProxy spread over both. Closing the gap takes less CPU per request (HTTP parsing and the JS↔native crossings of
 node:http and undici are most of it) and more than one core: \`node:cluster\` workers each holding the routing
 table on Node 20, \`reusePort\` listeners on Node ≥ 22.12, or a native data plane (HAProxy driven through its
 runtime API, with Tarmac computing the routing table) for the hot path.
@@ -237,7 +248,11 @@ Method: one nginx backend (\`return 200\`, one worker) on loopback; wrk (one thr
 drives it directly and through each proxy. Each proxy keeps connections to the backend alive. nginx (one worker per
 core) and HAProxy (one thread per core) use every core; the Node proxies (Tarmac's, http-proxy, @fastify/http-proxy) run
 one process each, and Tarmac's proxy also as \`startProxyCluster\` with two \`node:cluster\` workers. Tarmac's proxy routes by Host through its routing table built from a real SQLite catalog (one app,
-one started machine at 127.0.0.1), adding Fly's forwarding headers and request ids. After a one-second warm-up of every
+one started machine at 127.0.0.1), adding Fly's forwarding headers and request ids, with its Prometheus metrics counting
+every request as in the host, and the young generation the host and the cluster's workers start with
+(\`${proxyWorkerHeapFlags.join(' ')}\`). "bare node:http + undici" is the same data path without any of Tarmac's own
+work (hop-by-hop headers stripped, X-Forwarded-For added, \`dispatch()\` straight into the response), in one process
+and as two \`node:cluster\` workers: the floor Tarmac's proxy is measured against, not a peer to beat. After a one-second warm-up of every
 target, ${o.rounds} rounds of ${o.seconds} s runs, interleaved (every target at one connection count, then the next
 count, the target order rotated each round). Figures are medians over rounds; the ratio to nginx is the median of
 each round's ratio to nginx's run of the same round; latencies in µs from wrk's histogram;

@@ -3,7 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { join } from 'node:path';
+import { isAbsolute, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { freePort } from '../../test/helpers/registry.ts';
 
@@ -64,9 +64,9 @@ export async function startListening(name: string, cmd: string, args: string[], 
   return { name, port, pid: child.pid!, stop: () => stopChild(child, exited, stopSignal) };
 }
 
-/** Starts a Node script (through tsx) that prints `{"port":N}` on its first stdout line when ready; `env` adds to the environment. */
+/** Starts a Node script (through tsx; a name in bench/proxy, or an absolute path) that prints `{"port":N}` on its first stdout line when ready; `env` adds to the environment. */
 export async function startNodeScript(name: string, script: string, args: string[], nodeArgs: string[] = [], env: Record<string, string> = {}): Promise<Peer> {
-  const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(repoRoot, 'bench/proxy', script), ...args], {
+  const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', isAbsolute(script) ? script : join(repoRoot, 'bench/proxy', script), ...args], {
     cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_ENV: 'production', ...env },
   });
   const { exited, stderr } = track(name, child);

@@ -4,7 +4,7 @@
 // for HTTPS (self-signed certificates kept in CERT_DIR) and N is the HTTPS port.
 import { join } from 'node:path';
 import { openSqliteCatalog } from '../../src/catalog/index.ts';
-import { startProxy, startProxyCluster } from '../../src/proxy/index.ts';
+import { startProxy, startProxyCluster, trackProxyMetrics } from '../../src/proxy/index.ts';
 import { silentLogger } from '../../src/shared/log.ts';
 
 const [dataDir, backendPort, workers = '1', certDir] = process.argv.slice(2);
@@ -33,6 +33,8 @@ const opts = {
 const proxy = Number(workers) > 1
   ? await startProxyCluster({ ...opts, workers: Number(workers), logLevel: 'silent' })
   : await startProxy(opts);
+// Metrics in the path, as the host has them (cluster workers track their own).
+if (Number(workers) <= 1) trackProxyMetrics(proxy);
 process.stdout.write(`${JSON.stringify({ port: certDir === undefined ? proxy.address.port : proxy.httpsAddress!.port })}\n`);
 
 process.once('SIGTERM', () => {

@@ -44,6 +44,10 @@ const requestActs = new Map<string, Act>([
 const backhaulActs = new Map<string, Act>([...requestActs].filter(([name, act]) => act !== Act.Drop || name === 'expect'));
 backhaulActs.set('fly-request-id', Act.RequestId);
 
+/** Lengths of the request header names in those maps: a name of another length passes through without being lowercased. */
+const requestActLength = new Uint8Array(32);
+for (const name of requestActs.keys()) requestActLength[name.length] = 1;
+
 /** Headers never removed because a client listed them in Connection: they frame or route the request. */
 const connectionProtected: ReadonlySet<string> = new Set(['host', 'content-length']);
 
@@ -82,7 +86,7 @@ export function readRequestHead(raw: readonly string[], backhaul = false): Reque
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!;
     const value = raw[i + 1]!;
-    const act = acts.get(name.toLowerCase());
+    const act = name.length < requestActLength.length && requestActLength[name.length] === 1 ? acts.get(name.toLowerCase()) : undefined;
     if (act === undefined) {
       headers.push(name, value);
       continue;
@@ -154,6 +158,13 @@ export function addForwarding(headers: string[], clientIp: string, forwardedFor:
 const noneProtected: ReadonlySet<string> = new Set(['content-length']);
 
 /**
+ * Lengths of the response header names the proxy acts on (fly-request-id, fly-replay and the hop-by-hop ones): any
+ * other name passes through without being lowercased, which spares a string per header for most responses.
+ */
+const actedOnLength = new Uint8Array(32);
+for (const name of ['fly-request-id', 'fly-replay', ...hopByHop]) actedOnLength[name.length] = 1;
+
+/**
  * A machine's response headers as a flat string array for `writeHead`, hop-by-hop removed, the proxy's added. With
  * `replay`, a `fly-replay` header is taken out into it (the proxy replays the request instead of relaying this).
  */
@@ -162,18 +173,21 @@ export function responseHeaders(raw: readonly Buffer[], requestId: string, repla
   let connection: string | undefined;
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!.toString('latin1');
-    const lower = name.toLowerCase();
-    if (lower === 'fly-request-id') continue; // the proxy's own id is added below (a backhaul hop sends the same one)
-    if (replay !== undefined && lower === 'fly-replay') {
-      replay.value = raw[i + 1]!.toString('latin1'); // acted on by the proxy, not relayed
-      continue;
-    }
-    if (hopByHop.has(lower)) {
-      if (lower === 'connection') {
-        const value = raw[i + 1]!.toString('latin1');
-        if (!plainConnection(value)) connection = connection === undefined ? value : `${connection},${value}`;
+    if (name.length < actedOnLength.length && actedOnLength[name.length] === 1) {
+      const lower = name.toLowerCase();
+      if (lower === 'fly-request-id') continue; // the proxy's own id is added below (a backhaul hop sends the same one)
+      if (lower === 'fly-replay') {
+        if (replay === undefined) out.push(name, raw[i + 1]!.toString('latin1'));
+        else replay.value = raw[i + 1]!.toString('latin1'); // acted on by the proxy, not relayed
+        continue;
       }
-      continue;
+      if (hopByHop.has(lower)) {
+        if (lower === 'connection') {
+          const value = raw[i + 1]!.toString('latin1');
+          if (!plainConnection(value)) connection = connection === undefined ? value : `${connection},${value}`;
+        }
+        continue;
+      }
     }
     out.push(name, raw[i + 1]!.toString('latin1'));
   }

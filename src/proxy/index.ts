@@ -1,7 +1,7 @@
 // The proxy's public face: start the HTTP proxy over a catalog reader; its routing table and request events.
 export { startProxy, proxyRequestChannel, proxyQueueChannel } from './proxy.ts';
 export type { ProxyOptions, ProxyTimeouts, ProxyLimits, RunningProxy, ProxyRequestEvent, ProxyQueueEvent } from './proxy.ts';
-export { startProxyCluster } from './cluster.ts';
+export { proxyWorkerHeapFlags, startProxyCluster } from './cluster.ts';
 export { startStoppedMachine, type AutostartOptions } from './autostart.ts';
 export { startAutostop, stopIdleMachine, type AutostopOptions, type RunningAutostop } from './autostop.ts';
 export type { ProxyClusterOptions } from './cluster.ts';

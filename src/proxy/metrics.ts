@@ -14,27 +14,110 @@ const tracked = new Set<RunningProxy>();
 /** Requests waiting per app, from the queue channel. */
 const queued = new Map<string, number>();
 
-const requests = new Counter({
-  name: 'tarmac_proxy_requests_total',
-  help: 'Requests answered by the proxy, by app, status class (1xx..5xx, or "none" when the client left first) and proxy error code.',
-  labelNames: ['app', 'status_class', 'error'] as const,
-  registers: [proxyMetrics],
-});
+const statusClasses = ['none', '1xx', '2xx', '3xx', '4xx', '5xx'] as const;
 
-const duration = new Histogram({
-  name: 'tarmac_proxy_request_duration_seconds',
-  help: 'Time from the request head arriving to the response finishing (tunnels: to both sides closing), by app.',
-  labelNames: ['app'] as const,
-  buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-  registers: [proxyMetrics],
-});
+/** Upper bounds of the request duration histogram, in seconds. */
+const durationBounds = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30] as const;
+/** The same in milliseconds (what the request events carry), so observing needs no division. */
+const durationBoundsMs = durationBounds.map((b) => b * 1000);
 
-const responseBytes = new Counter({
-  name: 'tarmac_proxy_response_bytes_total',
-  help: 'Response body bytes relayed from machines, by app.',
-  labelNames: ['app'] as const,
-  registers: [proxyMetrics],
-});
+/**
+ * One app's request figures as plain numbers, bumped per request (no label objects, hashing or closures on the hot
+ * path) and turned into Prometheus series only when scraped.
+ */
+class AppStats {
+  /** Requests without a proxy error, by status class index (see statusClasses). */
+  readonly ok = [0, 0, 0, 0, 0, 0];
+  /** Requests with a proxy error: error code → counts by status class index. */
+  readonly failed = new Map<string, number[]>();
+  /** Duration histogram: counts per bucket (not cumulative; the last one is above every bound), sum in ms. */
+  readonly buckets = new Array<number>(durationBounds.length + 1).fill(0);
+  count = 0;
+  sumMs = 0;
+  bytes = 0;
+}
+
+const appStats = new Map<string, AppStats>();
+
+type Series = { value: number; labels: Record<string, string | number>; metricName?: string };
+
+/**
+ * A metric family prom-client's registry serves (and a cluster's aggregator merges) whose series are computed at
+ * scrape time from `appStats`: the registry only calls get() and reset().
+ */
+class ScrapedMetric {
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly type: 'counter' | 'histogram',
+    readonly series: () => Series[],
+  ) {}
+  readonly aggregator = 'sum';
+  get(): Promise<{ name: string; help: string; type: string; aggregator: string; values: Series[] }> {
+    return Promise.resolve({ name: this.name, help: this.help, type: this.type, aggregator: this.aggregator, values: this.series() });
+  }
+  reset(): void {
+    appStats.clear();
+  }
+}
+
+function register(m: ScrapedMetric): void {
+  // prom-client types its registry for its own metric classes; it reads only what ScrapedMetric has.
+  proxyMetrics.registerMetric(m as unknown as Counter);
+}
+
+register(new ScrapedMetric(
+  'tarmac_proxy_requests_total',
+  'Requests answered by the proxy, by app, status class (1xx..5xx, or "none" when the client left first) and proxy error code.',
+  'counter',
+  () => {
+    const out: Series[] = [];
+    for (const [app, s] of appStats) {
+      for (let c = 0; c < statusClasses.length; c++) {
+        if (s.ok[c]! > 0) out.push({ value: s.ok[c]!, labels: { app, status_class: statusClasses[c]!, error: '' } });
+      }
+      for (const [error, counts] of s.failed) {
+        for (let c = 0; c < statusClasses.length; c++) {
+          if (counts[c]! > 0) out.push({ value: counts[c]!, labels: { app, status_class: statusClasses[c]!, error } });
+        }
+      }
+    }
+    return out;
+  },
+));
+
+register(new ScrapedMetric(
+  'tarmac_proxy_request_duration_seconds',
+  'Time from the request head arriving to the response finishing (tunnels: to both sides closing), by app.',
+  'histogram',
+  () => {
+    const out: Series[] = [];
+    const bucket = 'tarmac_proxy_request_duration_seconds_bucket';
+    for (const [app, s] of appStats) {
+      if (s.count === 0) continue;
+      let acc = 0;
+      for (let i = 0; i < durationBounds.length; i++) {
+        acc += s.buckets[i]!;
+        out.push({ value: acc, labels: { le: durationBounds[i]!, app }, metricName: bucket });
+      }
+      out.push({ value: s.count, labels: { le: '+Inf', app }, metricName: bucket });
+      out.push({ value: s.sumMs / 1000, labels: { app }, metricName: 'tarmac_proxy_request_duration_seconds_sum' });
+      out.push({ value: s.count, labels: { app }, metricName: 'tarmac_proxy_request_duration_seconds_count' });
+    }
+    return out;
+  },
+));
+
+register(new ScrapedMetric(
+  'tarmac_proxy_response_bytes_total',
+  'Response body bytes relayed from machines, by app.',
+  'counter',
+  () => {
+    const out: Series[] = [];
+    for (const [app, s] of appStats) if (s.bytes > 0) out.push({ value: s.bytes, labels: { app } });
+    return out;
+  },
+));
 
 new Gauge({
   name: 'tarmac_proxy_inflight',
@@ -95,14 +178,25 @@ new Gauge({
   },
 });
 
-const statusClasses = ['none', '1xx', '2xx', '3xx', '4xx', '5xx'] as const;
-
 function onRequest(m: unknown): void {
   const e = m as ProxyRequestEvent;
   const app = e.app ?? '';
-  requests.inc({ app, status_class: statusClasses[Math.floor(e.status / 100)] ?? 'none', error: e.error ?? '' });
-  duration.observe({ app }, e.durationMs / 1000);
-  if (e.responseBytes > 0) responseBytes.inc({ app }, e.responseBytes);
+  let s = appStats.get(app);
+  if (s === undefined) appStats.set(app, (s = new AppStats()));
+  const c = e.status >= 100 && e.status < 600 ? (e.status / 100) | 0 : 0;
+  if (e.error === undefined) s.ok[c]!++;
+  else {
+    let counts = s.failed.get(e.error);
+    if (counts === undefined) s.failed.set(e.error, (counts = [0, 0, 0, 0, 0, 0]));
+    counts[c]!++;
+  }
+  const ms = e.durationMs;
+  let b = 0;
+  while (b < durationBoundsMs.length && ms > durationBoundsMs[b]!) b++;
+  s.buckets[b]!++;
+  s.count++;
+  s.sumMs += ms;
+  s.bytes += e.responseBytes;
 }
 
 function onQueue(m: unknown): void {

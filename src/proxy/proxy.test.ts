@@ -327,6 +327,40 @@ test('a machine that does not answer in time gets a 504', async (t) => {
   assert.equal(r.headers['tarmac-proxy-error'], 'backend_timeout');
 });
 
+test('a machine that stalls its body past backendBodyMs is cut; a slow upload does not start the headers timeout', async (t) => {
+  const c = await tempCatalog(t);
+  const stalls = await backend(t, (req, res) => {
+    if (req.url === '/upload') {
+      // Answers only once the whole (slowly sent) body is in.
+      let n = 0;
+      req.on('data', (d: Buffer) => { n += d.length; });
+      req.on('end', () => res.end(`got ${n}`));
+      return;
+    }
+    res.writeHead(200, { 'content-length': '10' });
+    res.write('12345'); // and never the rest
+  });
+  await app(c, 'stall');
+  await machine(c, 'stall', { ip: '127.0.0.1', services: httpService(stalls.port) });
+  const proxy = await proxyFor(t, c, { backendHeadersMs: 300, backendBodyMs: 300 });
+  const started = performance.now();
+  await assert.rejects(get(agent(t), proxy, 'stall.localhost'), 'the client sees the response cut short');
+  assert.ok(performance.now() - started >= 300, 'not before the body timeout');
+
+  // The body takes longer than the headers timeout to arrive, but keeps flowing: the machine's answer is relayed.
+  let sent = 0;
+  const body = new Readable({
+    read() {
+      if (sent === 8) return this.push(null);
+      sent++;
+      setTimeout(() => this.push(Buffer.alloc(1000, 97)), 100);
+    },
+  });
+  const res = await request(`http://127.0.0.1:${proxy.address.port}/upload`, { method: 'POST', body, headers: { host: 'stall.localhost' }, dispatcher: agent(t) });
+  assert.equal(res.statusCode, 200);
+  assert.equal(await res.body.text(), 'got 8000');
+});
+
 test('forwarding headers are added, spoofed ones replaced, hop-by-hop stripped both ways', async (t) => {
   const c = await tempCatalog(t);
   const echo = await backend(t, (req, res) => {

@@ -170,6 +170,16 @@ class ClientClosedError extends Error {
   readonly code = 'TARMAC_CLIENT_CLOSED';
 }
 const clientClosed = new ClientClosedError('the client closed the connection');
+
+/** A machine too slow to answer, found by the proxy's shared sweep; its code is undici's for the same timeout. */
+class BackendTimeoutError extends Error {
+  override readonly name = 'BackendTimeoutError';
+  constructor(readonly code: 'UND_ERR_HEADERS_TIMEOUT' | 'UND_ERR_BODY_TIMEOUT', message: string) {
+    super(message);
+  }
+}
+const headersTimedOut = new BackendTimeoutError('UND_ERR_HEADERS_TIMEOUT', 'the machine did not send response headers in time');
+const bodyTimedOut = new BackendTimeoutError('UND_ERR_BODY_TIMEOUT', 'the machine paused its response body for too long');
 /** Ends a machine's response that asked for a replay (fly-replay): the request went on to another machine. */
 const replayed = new ClientClosedError('the request was replayed to another machine');
 /** The header a replayed request carries (replaced on each replay). */
@@ -206,6 +216,9 @@ function errorCodeOf(err: Error): string {
   return typeof code === 'string' ? code : '';
 }
 
+/** Receives a response's fly-replay value from responseHeaders; one serves every response (it is read right after). */
+const replayHolder: { value: string | undefined } = { value: undefined };
+
 /** One client request forwarded to a machine: the undici dispatch handler, streaming both ways. */
 class Exchange implements Dispatcher.DispatchHandler {
   attempts = 0;
@@ -216,6 +229,16 @@ class Exchange implements Dispatcher.DispatchHandler {
   drainListened = false;
   abort: ((err?: Error) => void) | null = null;
   resume: (() => void) | null = null;
+  /** For the proxy's timeout sweep: response headers are in (the body timeout applies, not the headers one). */
+  headersDone = false;
+  /** For the sweep: the proxy's coarse clock when the exchange last made progress. */
+  since = 0;
+  /** For the sweep: the progress it last saw (request body bytes read before the headers, response bytes after). */
+  progress = 0;
+  /** The proxy's list of exchanges under the sweep (intrusive: no allocation per request). */
+  watched = false;
+  prevWatched: Exchange | null = null;
+  nextWatched: Exchange | null = null;
 
   constructor(
     readonly proxy: HttpProxy,
@@ -240,6 +263,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     const from = this.backend;
     const next = proxy.pickReplay(this.app, r, from);
     this.done = true;
+    proxy.unwatch(this);
     this.abort?.(replayed);
     proxy.release(from);
     if (next === undefined) {
@@ -262,13 +286,21 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.attempts++;
     this.connected = false;
     this.abort = null;
+    this.headersDone = false;
+    this.since = this.proxy.clock;
+    this.progress = this.hasBody ? bytesReadOf(this.req) : 0;
+    this.proxy.watch(this);
     const b = this.backend;
-    this.proxy.poolFor(b).dispatch({
+    const opts: Dispatcher.DispatchOptions & { servername: string } = {
       path: this.path,
       method: this.req.method ?? 'GET',
       headers: b.via === undefined ? this.headers : [...this.headers, 'fly-force-instance-id', b.machineId],
       body: this.hasBody ? this.req : null,
-    }, this);
+      // Without one, undici derives a TLS server name from the Host header on every request (two IP regexes);
+      // machines are reached over plain HTTP, where it is never used (undici reads it; its types omit it).
+      servername: b.address,
+    };
+    this.proxy.poolFor(b).dispatch(opts, this);
   }
 
   onConnect(abort: (err?: Error) => void): void {
@@ -281,12 +313,20 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (statusCode < 200) return true; // interim responses (103 and the like) are not relayed yet
     if (this.done) return false;
     this.resume = resume;
+    this.headersDone = true;
+    this.since = this.proxy.clock;
+    this.progress = 0;
     const res = this.res;
     // fly-replay is acted on by the proxy that chose the machine (not a worker delivering backhaul), for requests
     // without a body (nothing of it is consumed yet), a few times at most.
-    const replay = !this.hasBody && this.replays < maxReplays && res.want?.local !== true ? { value: undefined as string | undefined } : undefined;
+    let replay: typeof replayHolder | undefined;
+    if (!this.hasBody && this.replays < maxReplays && res.want?.local !== true) {
+      replayHolder.value = undefined;
+      replay = replayHolder;
+    }
     const headers = responseHeaders(rawHeaders, res.requestId, replay);
-    if (replay?.value !== undefined && this.#replay(replay.value)) return false;
+    const replayTo = replay?.value;
+    if (replayTo !== undefined && this.#replay(replayTo)) return false;
     if (this.proxy.closing && res instanceof ProxyResponse) res.shouldKeepAlive = false;
     try {
       // HTTP/2 has no reason phrase.
@@ -315,7 +355,14 @@ class Exchange implements Dispatcher.DispatchHandler {
   onComplete(): void {
     if (this.done) return;
     this.done = true;
+    this.proxy.unwatch(this);
     this.res.end();
+  }
+
+  /** Called by the proxy's sweep when the machine took too long: ends the exchange as undici's own timeout would. */
+  timeOut(err: BackendTimeoutError): void {
+    // Before it is connected, the connect timeout applies.
+    if (this.connected) this.abort?.(err);
   }
 
   onError(err: Error): void {
@@ -323,6 +370,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     const res = this.res;
     if (this.clientGone) {
       this.done = true;
+      this.proxy.unwatch(this);
       return;
     }
     const code = errorCodeOf(err);
@@ -338,6 +386,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     }
     if (unreachable && this.proxy.retryWarming(this.backend, () => this.send())) return;
     this.done = true;
+    this.proxy.unwatch(this);
     if (unreachable) {
       res.errorCode = 'backend_unreachable';
       sendProxyError(res, 'backend_unreachable', `could not reach a machine of app ${this.app}`, res.requestId);
@@ -620,6 +669,16 @@ class HttpProxy implements RunningProxy {
   #drained: (() => void) | null = null;
   #closed: Promise<void> | null = null;
   #address: { host: string; port: number } = { host: '', port: 0 };
+  /**
+   * Exchanges waiting on a machine (a linked list through them), which one shared sweep checks against the backend
+   * headers and body timeouts. undici's own timers for them are off: it allocated two per request, and they outlived
+   * the requests (it drops cleared ones only every half second), so every scavenge copied them and many were promoted
+   * to the old generation. A Set in their place cost as much again (its tables churn and it holds young objects).
+   */
+  #watched: Exchange | null = null;
+  #sweepTimer: NodeJS.Timeout | undefined;
+  /** Coarse time (performance.now() at the last sweep), what exchanges note instead of reading the clock. */
+  clock = performance.now();
   /** One shared 'close' listener for every response (`this` is the response), so no closure per request. */
   readonly #onResponseClose: (this: ProxyRes) => void;
 
@@ -638,8 +697,9 @@ class HttpProxy implements RunningProxy {
     this.#idSuffix = `-${region}`;
     this.#poolOptions = {
       pipelining: 1,
-      headersTimeout: this.#t.backendHeadersMs,
-      bodyTimeout: this.#t.backendBodyMs,
+      // The proxy's sweep enforces backendHeadersMs and backendBodyMs (see #watched).
+      headersTimeout: 0,
+      bodyTimeout: 0,
       connectTimeout: this.#t.backendConnectMs,
       keepAliveTimeout: 4_000,
     };
@@ -753,11 +813,65 @@ class HttpProxy implements RunningProxy {
       else signal.addEventListener('abort', () => void this.close(), { once: true });
     }
     this.#ports.update(this.#table);
+    this.#startSweep();
     this.#log.info({ address: this.#address, backhaul: this.#backhaulAddress, https: this.#httpsAddress, apps: this.#table.apps.size }, 'proxy listening');
   }
 
   close(): Promise<void> {
     return (this.#closed ??= this.#close());
+  }
+
+  /** Starts the timeout sweep, often enough that a timeout fires within a quarter of itself late (and 10 ms at best). */
+  #startSweep(): void {
+    const { backendHeadersMs: h, backendBodyMs: b } = this.#t;
+    const shortest = Math.min(h > 0 ? h : Infinity, b > 0 ? b : Infinity);
+    if (shortest === Infinity || this.closing) return;
+    const every = Math.min(1_000, Math.max(10, shortest / 4));
+    this.clock = performance.now();
+    // An exchange notes the clock of the last sweep: it may be `every` old, so a timeout counts that much extra.
+    const headersMs = h > 0 ? h + every : Infinity;
+    const bodyMs = b > 0 ? b + every : Infinity;
+    this.#sweepTimer = setInterval(() => {
+      const now = (this.clock = performance.now());
+      for (let ex = this.#watched, next: Exchange | null; ex !== null; ex = next) {
+        next = ex.nextWatched; // timeOut() unwatches ex
+        if (ex.done) {
+          this.unwatch(ex);
+        } else if (!ex.headersDone) {
+          // A request body still flowing to the machine keeps its headers timeout from starting (as in undici).
+          const read = ex.hasBody ? bytesReadOf(ex.req) : 0;
+          if (read !== ex.progress) {
+            ex.progress = read;
+            ex.since = now;
+          } else if (now - ex.since > headersMs) ex.timeOut(headersTimedOut);
+        } else if (ex.bytes !== ex.progress) {
+          ex.progress = ex.bytes;
+          ex.since = now;
+        } else if (now - ex.since > bodyMs) ex.timeOut(bodyTimedOut);
+      }
+    }, every);
+    this.#sweepTimer.unref();
+  }
+
+  /** Puts an exchange under the timeout sweep (again, for a retry). */
+  watch(ex: Exchange): void {
+    if (ex.watched) return;
+    ex.watched = true;
+    ex.prevWatched = null;
+    ex.nextWatched = this.#watched;
+    if (this.#watched !== null) this.#watched.prevWatched = ex;
+    this.#watched = ex;
+  }
+
+  /** Takes a finished exchange out of the timeout sweep. */
+  unwatch(ex: Exchange): void {
+    if (!ex.watched) return;
+    ex.watched = false;
+    if (ex.prevWatched === null) this.#watched = ex.nextWatched;
+    else ex.prevWatched.nextWatched = ex.nextWatched;
+    if (ex.nextWatched !== null) ex.nextWatched.prevWatched = ex.prevWatched;
+    ex.prevWatched = null;
+    ex.nextWatched = null;
   }
 
   /** The pool of a backend's origin, created on first use; pools of origins that left the table are closed at swap. */
@@ -1152,6 +1266,8 @@ class HttpProxy implements RunningProxy {
     this.#tls?.destroy();
     this.#backhaulListener?.destroy();
     this.h2Sessions.destroyAll();
+    // Timeouts held while requests drained; what is left is cut now.
+    clearInterval(this.#sweepTimer);
     const pools = [...this.#pools.values()];
     this.#pools.clear();
     await Promise.all(pools.map((p) => p.destroy().catch(() => undefined)));
@@ -1214,6 +1330,11 @@ type Admission =
 const validHost = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(?::[0-9]*)?$/;
 /** An absolute-form request target: its authority and the rest. */
 const absoluteForm = /^https?:\/\/([^/?#]*)(.*)$/i;
+
+/** Bytes read so far from a client request's connection: how the sweep sees a request body still flowing. */
+function bytesReadOf(req: ProxyReq): number {
+  return (req.socket as Socket | null | undefined)?.bytesRead ?? 0;
+}
 
 function onResponseDrain(this: ProxyRes): void {
   this.exchange?.resume?.();
