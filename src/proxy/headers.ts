@@ -30,6 +30,8 @@ const requestActs = new Map<string, Act>([
   ['fly-forwarded-port', Act.Drop],
   ['fly-region', Act.Drop],
   ['fly-request-id', Act.Drop],
+  // Set only by the proxy on a replayed request (where it was replayed from): a machine must be able to trust it.
+  ['fly-replay-src', Act.Drop],
   // node:http answers `Expect: 100-continue` itself; undici refuses to forward it.
   ['expect', Act.Drop],
   // Routing requests to the proxy (Fly's); read, not forwarded.

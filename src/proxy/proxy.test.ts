@@ -377,7 +377,7 @@ test('forwarding headers are added, spoofed ones replaced, hop-by-hop stripped b
   const answer = await raw(proxy, [
     'GET /h HTTP/1.1', 'Host: hdr.localhost', 'Connection: close, X-Secret', 'X-Secret: s', 'Keep-Alive: timeout=9',
     'TE: trailers', 'Proxy-Connection: keep-alive', 'Upgrade: h2c', 'X-Forwarded-For: 203.0.113.9', 'Fly-Client-IP: 6.6.6.6',
-    'Fly-Request-Id: forged', 'X-Forwarded-Proto: https', 'X-App: kept', '', '',
+    'Fly-Request-Id: forged', 'X-Forwarded-Proto: https', 'Fly-Replay-Src: instance=forged', 'X-App: kept', '', '',
   ].join('\r\n'));
   const [head, body] = answer.split('\r\n\r\n') as [string, string];
   const sent = JSON.parse(body) as string[];
@@ -386,7 +386,7 @@ test('forwarding headers are added, spoofed ones replaced, hop-by-hop stripped b
     const k = sent[i]!.toLowerCase();
     h.set(k, [...(h.get(k) ?? []), sent[i + 1]!]);
   }
-  for (const gone of ['x-secret', 'keep-alive', 'te', 'proxy-connection', 'upgrade', 'transfer-encoding']) assert.ok(!h.has(gone), `${gone} was forwarded`);
+  for (const gone of ['x-secret', 'keep-alive', 'te', 'proxy-connection', 'upgrade', 'transfer-encoding', 'fly-replay-src']) assert.ok(!h.has(gone), `${gone} was forwarded`);
   assert.deepEqual(h.get('connection') ?? ['keep-alive'], ['keep-alive'], 'only the proxy’s own connection handling');
   assert.deepEqual(h.get('host'), ['hdr.localhost']);
   assert.deepEqual(h.get('x-app'), ['kept']);
