@@ -88,5 +88,7 @@ if (!clustered) {
   process.stdout.write(`${JSON.stringify({ port })}\n`);
   process.once('SIGTERM', () => { void close().then(() => process.exit(0)); });
 } else if (cluster.isWorker) {
+  // Exit normally when the primary stops this worker, so flags such as --cpu-prof can write their output.
+  process.once('SIGTERM', () => process.exit(0));
   process.send!({ port });
 }

@@ -1,8 +1,10 @@
-// `node --import tsx bench/proxy/profile.ts [SECONDS] [FUNCTION_REGEXP]`: Tarmac's proxy under wrk at 64 connections with --cpu-prof;
-// prints the hottest functions, self time by place, and the inclusive time of Tarmac's functions (and those matching the regexp).
+// `node --import tsx bench/proxy/profile.ts [SECONDS] [FUNCTION_REGEXP] [WORKERS]`: Tarmac's proxy under wrk at 64 connections with
+// --cpu-prof; prints the hottest functions, self time by place, and the inclusive time of Tarmac's functions (and those matching
+// the regexp). WORKERS > 1 runs it as a proxy cluster and reports the busiest worker's main thread.
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { proxyWorkerHeapFlags } from '../../src/proxy/index.ts';
 import { startNginxBackend, startNodeScript, treeCpuSeconds } from './processes.ts';
 import { runWrk, writeWrkScript } from './wrk.ts';
 
@@ -11,11 +13,15 @@ interface ProfileNode { id: number; callFrame: { functionName: string; url: stri
 const seconds = Number(process.argv[2] ?? 5);
 /** Function names (a regular expression, argv[3]) whose inclusive time is reported besides Tarmac's own. */
 const focus = new RegExp(process.argv[3] ?? '(?!)');
+const workers = Number(process.argv[4] ?? 1);
 const dir = await mkdtemp(join(tmpdir(), 'tarmac-proxy-prof-'));
 const backend = await startNginxBackend(dir);
 const profDir = join(dir, 'prof');
 try {
-  const proxy = await startNodeScript('Tarmac', 'tarmac-proxy.ts', [dir, String(backend.port)], ['--cpu-prof', `--cpu-prof-dir=${profDir}`]);
+  const profFlags = ['--cpu-prof', `--cpu-prof-dir=${profDir}`];
+  const proxy = workers > 1
+    ? await startNodeScript('Tarmac cluster', 'tarmac-proxy.ts', [dir, String(backend.port), String(workers)], [], { BENCH_WORKER_NODE_ARGS: profFlags.join(' ') })
+    : await startNodeScript('Tarmac', 'tarmac-proxy.ts', [dir, String(backend.port)], [...proxyWorkerHeapFlags, ...profFlags]);
   try {
     const script = await writeWrkScript(dir);
     await runWrk(script, proxy.port, 64, 1, 'bench.localhost');
@@ -26,9 +32,15 @@ try {
   } finally {
     await proxy.stop();
   }
-  const file = (await readdir(profDir)).find((f) => f.endsWith('.cpuprofile'));
-  if (!file) throw new Error('no profile written');
-  const prof = JSON.parse(await readFile(join(profDir, file), 'utf8')) as { nodes: ProfileNode[] };
+  // One profile per thread (a process's main thread and tsx's loader thread): the one that did the most is the proxy's.
+  let prof: { nodes: ProfileNode[] } | undefined;
+  let busiest = -1;
+  for (const f of (await readdir(profDir)).filter((f) => f.endsWith('.cpuprofile'))) {
+    const p = JSON.parse(await readFile(join(profDir, f), 'utf8')) as { nodes: ProfileNode[] };
+    const busy = p.nodes.reduce((a, n) => a + (n.callFrame.functionName === '(idle)' ? 0 : n.hitCount ?? 0), 0);
+    if (busy > busiest) { busiest = busy; prof = p; }
+  }
+  if (!prof) throw new Error('no profile written');
   const self = new Map<string, number>();
   let total = 0;
   for (const n of prof.nodes) {
