@@ -29,8 +29,11 @@ export function ipv6Key(address: string): string | undefined {
 export function privateNetwork(address: string): number | undefined {
   if (!address.startsWith('fdaa:')) return undefined;
   const g = ipv6Groups(address);
-  return g ? ((g[1]! << 16) | g[2]!) >>> 0 : undefined;
+  return g ? networkOf(g) : undefined;
 }
+
+/** The network number held in the groups of a private fdaa: address (its second and third groups). */
+const networkOf = (g: number[]) => ((g[1]! << 16) | g[2]!) >>> 0;
 
 /** A set of CIDR ranges ("127.0.0.0/8", "::1/128", or a bare address) that source addresses are checked against. */
 export function sourceList(cidrs: readonly string[]): (address: string) => boolean {
@@ -60,5 +63,5 @@ export function privateNetworkOfRange(cidr: string): number | undefined {
   const g = ipv6Groups(net);
   const prefix = bits === undefined ? 128 : Number(bits);
   if (!g || g[0] !== 0xfdaa || !Number.isInteger(prefix) || prefix < 48 || prefix > 128) return undefined;
-  return ((g[1]! << 16) | g[2]!) >>> 0;
+  return networkOf(g);
 }

@@ -260,28 +260,18 @@ class UnboundDns implements RunningDns {
       child.once('exit', (code, signal) => resolve(signal ? `signal ${signal}` : `exit code ${code}`));
     });
     void exited.then((how) => this.#onExit(child, how));
-    const deadline = Date.now() + readyTimeoutMs;
     let gone: string | undefined;
     void exited.then((how) => { gone = how; });
-    for (;;) {
-      if (this.#closed) {
-        await stopChild(child); // closed meanwhile: this unbound must not outlive close()
-        if (this.#child === child) this.#child = undefined;
-        throw new TarmacError('unavailable', 'dns server closed while starting unbound');
-      }
-      if (gone !== undefined) {
-        if (this.#child === child) this.#child = undefined;
-        throw new TarmacError('unavailable', `unbound did not start (${gone}): ${this.#recentLog.slice(-3).join(' | ') || 'no output'}. `
-          + `If AppArmor confines unbound, allow its state dir in /etc/apparmor.d/local/usr.sbin.unbound ("${this.#opts.stateDir}/** rw,") `
-          + 'and reload the profile (apparmor_parser -r /etc/apparmor.d/usr.sbin.unbound), or set dns.engine = "node"');
-      }
-      if (await control(this.#ctl, ['status']).then(() => true, () => false)) break;
-      if (Date.now() > deadline) {
-        await stopChild(child);
-        if (this.#child === child) this.#child = undefined;
-        throw new TarmacError('unavailable', `unbound did not answer on its control socket within ${readyTimeoutMs} ms`);
-      }
-      await new Promise((r) => setTimeout(r, 20));
+    try {
+      await this.#waitControl(child);
+    } catch (e) {
+      await stopChild(child); // closed meanwhile, or no answer in time: this unbound must not outlive the failure
+      if (this.#child === child) this.#child = undefined;
+      if (this.#closed) throw new TarmacError('unavailable', 'dns server closed while starting unbound');
+      if (gone === undefined) throw new TarmacError('unavailable', `unbound did not answer on its control socket within ${readyTimeoutMs} ms`, { cause: e });
+      throw new TarmacError('unavailable', `unbound did not start (${gone}): ${this.#recentLog.slice(-3).join(' | ') || 'no output'}. `
+        + `If AppArmor confines unbound, allow its state dir in /etc/apparmor.d/local/usr.sbin.unbound ("${this.#opts.stateDir}/** rw,") `
+        + 'and reload the profile (apparmor_parser -r /etc/apparmor.d/usr.sbin.unbound), or set dns.engine = "node"');
     }
     this.#loaded = cloneData(data);
     this.#loadedViews = viewsKey(views);
@@ -599,15 +589,15 @@ class UnboundDns implements RunningDns {
   }
 
   /**
-   * Waits for unbound's control socket to answer again (after a reload). Gives up at once when that unbound exited or
-   * was replaced, or the engine closed: the restart (queued behind) must not wait out the timeout.
+   * Waits for unbound's control socket to answer (after a start or a reload). Gives up at once when that unbound exited
+   * or was replaced, or the engine closed: a restart (queued behind) must not wait out the timeout.
    */
   async #waitControl(child: ChildProcess | undefined): Promise<void> {
     const deadline = Date.now() + readyTimeoutMs;
     for (;;) {
-      if (this.#closed) throw new TarmacError('unavailable', 'dns server closed during an unbound reload');
+      if (this.#closed) throw new TarmacError('unavailable', 'dns server closed while waiting for unbound');
       if (!child || this.#child !== child || child.exitCode !== null || child.signalCode !== null) {
-        throw new TarmacError('unavailable', 'unbound exited during a reload');
+        throw new TarmacError('unavailable', 'unbound exited before it answered on its control socket');
       }
       try {
         await control(this.#ctl, ['status']);
@@ -870,7 +860,7 @@ function unboundConfig(o: {
     for (const rrs of o.data.get(v.name)?.values() ?? []) for (const rr of rrs) lines.push(`  local-data: '${rr}'`);
     lines.push('');
   }
-  lines.push('remote-control:', '  control-enable: yes', `  control-interface: ${q(join(o.stateDir, 'unbound.ctl'))}`, '  control-use-cert: no', '');
+  lines.push('remote-control:', '  control-enable: yes', `  control-interface: ${q(o.ctl)}`, '  control-use-cert: no', '');
   lines.push('forward-zone:', '  name: "."');
   if (o.upstreams.length === 0) lines.push('  forward-addr: 0.0.0.0@53');
   for (const u of o.upstreams) lines.push(`  forward-addr: ${at(u.host, u.port)}`);
