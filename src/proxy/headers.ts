@@ -8,7 +8,7 @@ export const hopByHop: ReadonlySet<string> = new Set([
 /** What the request loop does with a header, by lowercase name; names not listed pass through untouched. */
 const Act = {
   Hop: 1, Connection: 2, TransferEncoding: 3, Host: 4, ContentLength: 5, ForwardedFor: 6, Drop: 7, ForceInstance: 8, PreferRegion: 9,
-  RequestId: 10,
+  RequestId: 10, Front: 11, FrontClient: 12,
 } as const;
 type Act = (typeof Act)[keyof typeof Act];
 
@@ -37,6 +37,10 @@ const requestActs = new Map<string, Act>([
   // Routing requests to the proxy (Fly's); read, not forwarded.
   ['fly-force-instance-id', Act.ForceInstance],
   ['fly-prefer-region', Act.PreferRegion],
+  // From the HAProxy data plane in front of this proxy (its key and the client's address); never forwarded, and the
+  // address is believed only with the right key (see `frontClientOf`).
+  ['tarmac-front', Act.Front],
+  ['tarmac-client-ip', Act.FrontClient],
 ]);
 
 /**
@@ -68,6 +72,10 @@ export interface RequestHead {
   preferRegion: string | undefined;
   /** Fly-Request-Id set by the proxy that sent a backhaul request. */
   requestId: string | undefined;
+  /** `tarmac-front`: the key the HAProxy data plane sends (see `frontClientOf`). */
+  front: string | undefined;
+  /** `tarmac-client-ip`: the client's address as the HAProxy data plane saw it. */
+  frontClient: string | undefined;
 }
 
 /**
@@ -81,6 +89,8 @@ export function readRequestHead(raw: readonly string[], backhaul = false): Reque
   let forceInstance: string | undefined;
   let preferRegion: string | undefined;
   let requestId: string | undefined;
+  let front: string | undefined;
+  let frontClient: string | undefined;
   let hasBody = false;
   let invalid: string | undefined;
   let forwardedFor: string | undefined;
@@ -124,13 +134,19 @@ export function readRequestHead(raw: readonly string[], backhaul = false): Reque
         requestId = value;
         headers.push(name, value);
         break;
+      case Act.Front:
+        front = value;
+        break;
+      case Act.FrontClient:
+        frontClient = value;
+        break;
       default:
         break;
     }
   }
   return {
     headers: connection === undefined ? headers : stripConnectionListed(headers, connection, connectionProtected),
-    host, hasBody, invalid, forwardedFor, forceInstance, preferRegion, requestId,
+    host, hasBody, invalid, forwardedFor, forceInstance, preferRegion, requestId, front, frontClient,
   };
 }
 

@@ -2,6 +2,8 @@
 export { startProxy, proxyRequestChannel, proxyQueueChannel } from './proxy.ts';
 export type { ProxyOptions, ProxyTimeouts, ProxyLimits, RunningProxy, ProxyRequestEvent, ProxyQueueEvent } from './proxy.ts';
 export { proxyWorkerHeapFlags, startProxyCluster } from './cluster.ts';
+export { startHaproxyPlane, type HaproxyPlaneOptions } from './haproxy/plane.ts';
+export { haproxyBinary } from './haproxy/process.ts';
 export { startStoppedMachine, type AutostartOptions } from './autostart.ts';
 export { startAutostop, stopIdleMachine, type AutostopOptions, type RunningAutostop } from './autostop.ts';
 export type { ProxyClusterOptions } from './cluster.ts';

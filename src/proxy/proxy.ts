@@ -1,6 +1,6 @@
 // The HTTP proxy: node:http in (and HTTP/2 on the TLS listener), one undici Pool per machine out (h2c where asked), routed by Host from the in-memory table.
 import { channel } from 'node:diagnostics_channel';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { createServer, request as httpRequest, IncomingMessage, ServerResponse, type ClientRequest, type Server } from 'node:http';
 import { Http2ServerResponse, type Http2ServerRequest } from 'node:http2';
 import type { Writable } from 'node:stream';
@@ -95,6 +95,11 @@ export interface ProxyOptions {
    * Default true; a worker-only host sets false (it still takes those ports' backhaul tunnels).
    */
   appAddresses?: boolean;
+  /**
+   * The HTTP data plane in front of this proxy (HAProxy): requests carrying `tarmac-front: <key>` came through it, and
+   * their `tarmac-client-ip` is the client's address and `port` the one the client connected to.
+   */
+  front?: { key: string; port: number };
 }
 
 export interface RunningProxy {
@@ -159,6 +164,9 @@ const defaults: Required<ProxyTimeouts> = {
 };
 
 const defaultLimits: Required<ProxyLimits> = { maxHeaders: 100, queuePerApp: 100 };
+
+/** The timeouts and limits a proxy has when its options leave them out. */
+export const proxyDefaults: { readonly timeouts: Required<ProxyTimeouts>; readonly limits: Required<ProxyLimits> } = { timeouts: defaults, limits: defaultLimits };
 
 /** Errors that say nothing about reaching a machine: never retried elsewhere. */
 const notNetworkErrors: ReadonlySet<string> = new Set([
@@ -456,7 +464,7 @@ class Tunnel {
     this.#path = a.path;
     this.#want = a.want;
     const headers = head.headers;
-    if (!this.backhaul) addForwarding(headers, clientAddress(this.client.remoteAddress), head.forwardedFor, this.requestId, proxy.forwardingOf(this.client));
+    if (!this.backhaul) addForwarding(headers, proxy.clientIpOf(head, this.client), head.forwardedFor, this.requestId, proxy.forwardingOf(this.client, head));
     headers.push('connection', 'upgrade', 'upgrade', req.headers.upgrade ?? '');
     this.#headers = headers;
     const w: Waiter = {
@@ -649,6 +657,9 @@ class HttpProxy implements RunningProxy {
   readonly #fwd: ForwardingConstants;
   /** The same for requests that came over TLS (X-Forwarded-Proto https, the HTTPS port). */
   readonly #fwdTls: ForwardingConstants;
+  /** Forwarding constants of requests the data plane in front sent (`front`), and its key. */
+  readonly #fwdFront: ForwardingConstants | undefined;
+  readonly #frontKey: Buffer | undefined;
   /** Custom certificates by host name (routing and SNI) and the self-signed defaults. */
   readonly #certs: CertificateIndex;
   /** Listeners on apps' own addresses (their non-HTTP service ports). */
@@ -693,6 +704,8 @@ class HttpProxy implements RunningProxy {
     const region = opts.region ?? 'local';
     this.#fwd = { port: String(opts.http.port), region, proto: 'http' };
     this.#fwdTls = { port: String(opts.https?.port ?? 0), region, proto: 'https' };
+    this.#fwdFront = opts.front === undefined ? undefined : { port: String(opts.front.port), region, proto: 'http' };
+    this.#frontKey = opts.front === undefined ? undefined : Buffer.from(opts.front.key);
     this.#near = region;
     this.#idSuffix = `-${region}`;
     this.#poolOptions = {
@@ -888,9 +901,24 @@ class HttpProxy implements RunningProxy {
     return this.#t;
   }
 
-  /** The forwarding constants for a client connection: its listener's port and scheme. */
-  forwardingOf(socket: Socket): ForwardingConstants {
+  /** The forwarding constants for a request: its listener's port and scheme (the data plane's, for a request it sent). */
+  forwardingOf(socket: Socket, head: RequestHead): ForwardingConstants {
+    if (head.front !== undefined && this.#fromFront(head)) return this.#fwdFront!;
     return (socket as TLSSocket).encrypted ? this.#fwdTls : this.#fwd;
+  }
+
+  /** The client's address: the socket's, or the one the data plane in front reports for a request it sent. */
+  clientIpOf(head: RequestHead, socket: Socket): string {
+    if (head.front !== undefined && head.frontClient !== undefined && this.#fromFront(head)) return head.frontClient;
+    return clientAddress(socket.remoteAddress);
+  }
+
+  /** True when the request's `tarmac-front` is the data plane's key (compared in constant time). */
+  #fromFront(head: RequestHead): boolean {
+    const key = this.#frontKey;
+    if (key === undefined || head.front === undefined) return false;
+    const given = Buffer.from(head.front);
+    return given.length === key.length && timingSafeEqual(given, key);
   }
 
   /** Another backend of the app below its hard limit, for a retry after a connect failure; acquired (counted) when found. */
@@ -1092,7 +1120,7 @@ class HttpProxy implements RunningProxy {
     const route = a.route;
     res.app = route.app;
     res.want = a.want;
-    if (!backhaul) addForwarding(head.headers, clientAddress(req.socket.remoteAddress), head.forwardedFor, requestId, this.forwardingOf(req.socket));
+    if (!backhaul) addForwarding(head.headers, this.clientIpOf(head, req.socket), head.forwardedFor, requestId, this.forwardingOf(req.socket, head));
     const b = this.pick(route.backends, a.want);
     if (b !== undefined) {
       // The common case: no closure or waiter per request.

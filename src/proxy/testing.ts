@@ -6,6 +6,9 @@ import { join } from 'node:path';
 import { openSqliteCatalog, type Catalog, type MachineConfig, type MachineSpec } from '../catalog/index.ts';
 import { silentLogger } from '../shared/log.ts';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
+import { existsSync } from 'node:fs';
+import { startHaproxyPlane } from './haproxy/plane.ts';
+import { haproxyBinary } from './haproxy/process.ts';
 import { proxyQueueChannel, startProxy, type ProxyLimits, type ProxyOptions, type ProxyQueueEvent, type ProxyTimeouts, type RunningProxy } from './proxy.ts';
 
 const now = () => new Date().toISOString();
@@ -47,6 +50,27 @@ export async function startedMachine(c: Catalog, app: string, services: Service[
   await c.createMachine(spec, []);
   await c.putMachineStatus({ id, app, state: 'started', instance_id: `01INST${id}`, restarts: 0, restart_generation: 0, updated_at: now() });
   return id;
+}
+
+/** Which proxy takes the HTTP port: the Node proxy alone, or HAProxy in front of it (where HAProxy is installed). */
+export type ProxyEngine = 'node' | 'haproxy';
+export const proxyEngines: readonly ProxyEngine[] = existsSync(haproxyBinary) ? ['node', 'haproxy'] : ['node'];
+
+/** `proxyFor` on either engine; the HAProxy data plane keeps its state in a temp dir removed after the test. */
+export async function proxyOn(
+  engine: ProxyEngine, t: TestContext, catalog: Catalog, timeouts: ProxyTimeouts = {}, limits: ProxyLimits = {},
+): Promise<RunningProxy> {
+  if (engine === 'node') return proxyFor(t, catalog, timeouts, limits);
+  const dir = await mkdtemp(join(tmpdir(), 'tarmac-haproxy-'));
+  const plane = await startHaproxyPlane({
+    catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'test-region', timeouts, limits,
+    stateDir: dir, threads: 1,
+  });
+  t.after(async () => {
+    await plane.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  return plane;
 }
 
 export async function proxyFor(

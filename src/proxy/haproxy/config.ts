@@ -1,0 +1,171 @@
+// The HAProxy data plane's configuration: Tarmac's routing table compiled into one HAProxy config and a host map.
+import { acmeHttpPrefix } from '../acme-challenges.ts';
+import type { ProxyTimeouts } from '../proxy.ts';
+import type { Backend } from '../routing.ts';
+
+/** An app HAProxy serves itself: its host names and its machines' http backends (all on this host, HTTP/1.1). */
+export interface FastApp {
+  readonly app: string;
+  readonly hosts: readonly string[];
+  readonly backends: readonly Backend[];
+}
+
+export interface HaproxyConfigInput {
+  /** Where clients connect (the proxy's HTTP address). */
+  readonly listen: { host: string; port: number };
+  /** The runtime API socket (level admin). */
+  readonly adminSocket: string;
+  /** The host map file (host name → backend), written beside the config. */
+  readonly hostsMap: string;
+  /** Tarmac's Node proxy, which takes every request HAProxy does not serve itself. */
+  readonly node: { host: string; port: number };
+  /** Sent to the Node proxy in `tarmac-front` so it believes `tarmac-client-ip`. */
+  readonly frontKey: string;
+  readonly region: string;
+  readonly threads: number;
+  readonly timeouts: Required<ProxyTimeouts>;
+  readonly maxHeaders: number;
+  /**
+   * Per-request log lines, for request events: HAProxy's `log` target (global), `log-format`, and any sections the
+   * target needs (a ring); none without.
+   */
+  readonly log?: { readonly target: string; readonly format: string; readonly sections?: readonly string[] };
+  readonly apps: readonly FastApp[];
+}
+
+/** The backend the Node proxy is reached through. */
+export const nodeBackend = 'tarmac';
+
+/** Names HAProxy config can hold without quoting; an app or machine whose name is not one stays with the Node proxy. */
+const plainName = /^[a-z0-9][a-z0-9-]{0,62}$/;
+const plainHost = /^[a-z0-9.-]{1,253}$/;
+
+/** The backend of an app. */
+export function appBackend(app: string): string {
+  return `app_${app}`;
+}
+
+/** The server of a backend: `m_<machine id>_<port>` (the request events take the machine id back out of it). */
+export function serverName(b: Backend): string {
+  return `m_${b.machineId}_${b.port}`;
+}
+
+/** True when HAProxy can carry the app: names it can hold as they are. */
+export function configurable(app: FastApp): boolean {
+  return plainName.test(app.app) && app.hosts.every((h) => plainHost.test(h)) && app.backends.every((b) => plainName.test(b.machineId));
+}
+
+/** Request headers a client may not set: the proxy's own (forwarding, request id, replay source, the front's). */
+const droppedRequestHeaders = [
+  'tarmac-front', 'tarmac-client-ip', 'fly-client-ip', 'x-forwarded-proto', 'x-forwarded-port', 'fly-forwarded-port',
+  'fly-region', 'fly-request-id', 'fly-replay-src',
+];
+
+/** Hop-by-hop fields HAProxy does not remove itself (it handles Connection, Transfer-Encoding and Upgrade). */
+const hopByHopRequest = ['keep-alive', 'proxy-connection', 'te', 'trailer'];
+const hopByHopResponse = ['keep-alive', 'proxy-connection', 'trailer'];
+
+/** A duration in HAProxy's syntax; 0 (no limit) becomes a day, HAProxy's timeouts having no "off". */
+function ms(value: number): string {
+  return `${value > 0 ? value : 86_400_000}ms`;
+}
+
+function address(host: string, port: number): string {
+  return `${host.includes(':') ? `[${host}]` : host}:${port}`;
+}
+
+/** A plain-text error HAProxy answers itself, with Tarmac's `tarmac-proxy-error` code and the request id. */
+function httpError(status: number, code: string, message: string): string {
+  return `  http-error status ${status} content-type "text/plain; charset=utf-8" hdr tarmac-proxy-error ${code} hdr fly-request-id "%[unique-id]" hdr cache-control no-store string "${message}\\n"`;
+}
+
+/** The config text and the host map's contents. */
+export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap: string } {
+  const t = c.timeouts;
+  const lines: string[] = [
+    'global',
+    '  master-worker',
+    `  nbthread ${c.threads}`,
+    `  stats socket ${c.adminSocket} mode 600 level admin expose-fd listeners`,
+    `  tune.http.maxhdr ${c.maxHeaders}`,
+    // Old processes of a reload finish their requests; long tunnels are cut after this.
+    '  hard-stop-after 15m',
+    ...(c.log === undefined ? [] : [`  ${c.log.target}`]),
+    '',
+    'defaults',
+    '  mode http',
+    ...(c.log === undefined ? [] : ['  log global', `  log-format "${c.log.format}"`]),
+    '  option http-keep-alive',
+    '  http-reuse safe',
+    `  timeout connect ${ms(t.backendConnectMs)}`,
+    `  timeout client ${ms(t.clientRequestMs)}`,
+    `  timeout http-request ${ms(t.clientHeadersMs)}`,
+    `  timeout http-keep-alive ${ms(t.keepAliveMs)}`,
+    `  timeout server ${ms(t.backendHeadersMs)}`,
+    `  timeout queue ${ms(t.queueMs)}`,
+    '  timeout tunnel 1h',
+    '  timeout client-fin 5s',
+    '',
+    'frontend http',
+    `  bind ${address(c.listen.host, c.listen.port)}`,
+    `  unique-id-format "%{+X}o%Ts%rt%pid-${c.region}"`,
+    // HAProxy 2.6 lets NUL and a bare CR through in header values (RFC 9110 §5.5: reject or replace) and takes any
+    // method token, CONNECT and any HTTP/1.x version; the Node proxy refuses them all.
+    '  http-request deny deny_status 400 if !{ method -m reg ^[A-Z]+$ } || METH_CONNECT || !{ req.ver 1.1 1.0 }',
+    '  http-request deny deny_status 400 if { req.hdrs -m reg \\\\x00|\\\\r(?!\\\\n) }',
+    ...[...droppedRequestHeaders, ...hopByHopRequest].map((h) => `  http-request del-header ${h}`),
+    // Routed by Host (without port, lower case) through the map; everything the map does not name, and every request
+    // that asks for a machine or region, or is not in origin form, or is an ACME HTTP-01 challenge, goes to the Node proxy.
+    `  http-request set-var(txn.host) req.hdr(host),field(1,:),lower`,
+    `  http-request set-var(txn.be) var(txn.host),map(${c.hostsMap})`,
+    `  http-request set-var(txn.be) str(${nodeBackend}) if !{ var(txn.be) -m found } || !{ url_beg / } || !{ req.hdr_cnt(host) eq 1 }`,
+    `  http-request set-var(txn.be) str(${nodeBackend}) if { req.hdr(fly-force-instance-id) -m found } || { req.hdr(fly-prefer-region) -m found } || { url_beg ${acmeHttpPrefix} }`,
+    '  use_backend %[var(txn.be)]',
+    `  default_backend ${nodeBackend}`,
+    '',
+    `backend ${nodeBackend}`,
+    '  http-request set-log-level silent',
+    `  http-request set-header tarmac-front ${c.frontKey}`,
+    '  http-request set-header tarmac-client-ip %[src]',
+    `  server node ${address(c.node.host, c.node.port)}`,
+    '',
+  ];
+  const map: string[] = [];
+  for (const a of c.apps) {
+    const be = appBackend(a.app);
+    for (const h of a.hosts) map.push(`${h} ${be}`);
+    lines.push(
+      `backend ${be}`,
+      '  balance leastconn',
+      '  retries 1',
+      '  option redispatch 1',
+      '  option forwardfor',
+      `  http-request set-var(txn.app) str(${a.app})`,
+      '  http-request set-header fly-client-ip %[src]',
+      '  http-request set-header x-forwarded-proto http',
+      '  http-request set-header x-forwarded-port %[dst_port]',
+      '  http-request set-header fly-forwarded-port %[dst_port]',
+      `  http-request set-header fly-region ${c.region}`,
+      '  http-request set-header fly-request-id %[unique-id]',
+      '  http-request add-header via "1.1 tarmac"',
+      // fly-replay: HAProxy cannot send a request twice, so an app that asks for a replay is handed to the Node
+      // proxy from then on (the host map entry changes at once; Tarmac keeps it across reloads), and the request that
+      // asked is sent back to the client as a 307 to the same URL (a request with a body is not replayed by either).
+      '  http-request set-var(txn.uri) url',
+      '  http-request set-var(txn.bodyless) bool(true) if !{ req.hdr(transfer-encoding) -m found } !{ req.hdr(content-length) -m found } || { req.hdr(content-length) -m str 0 }',
+      `  http-response set-map(${c.hostsMap}) %[var(txn.host)] ${nodeBackend} if { res.hdr(fly-replay) -m found } { var(txn.bodyless) -m bool }`,
+      '  http-response redirect location %[var(txn.uri)] code 307 if { res.hdr(fly-replay) -m found } { var(txn.bodyless) -m bool }',
+      ...hopByHopResponse.map((h) => `  http-response del-header ${h}`),
+      '  http-response del-header fly-request-id',
+      '  http-response add-header fly-request-id %[unique-id]',
+      '  http-response add-header via "1.1 tarmac"',
+      httpError(502, 'backend_unreachable', `could not reach a machine of app ${a.app}`),
+      httpError(503, 'over_capacity', `every machine of app ${a.app} is at its hard limit and the wait for one ran out`),
+      httpError(504, 'backend_timeout', `a machine of app ${a.app} did not answer in time`),
+    );
+    for (const b of a.backends) lines.push(`  server ${serverName(b)} ${address(b.address, b.port)} maxconn ${b.hardLimit}`);
+    lines.push('');
+  }
+  for (const section of c.log?.sections ?? []) lines.push(section, '');
+  return { config: `${lines.join('\n')}\n`, hostsMap: `${map.join('\n')}\n` };
+}
