@@ -36,6 +36,12 @@ export const hostConfigSchema = z.strictObject({
     apps_domain: z.string().regex(/^[a-z0-9.-]+$/).default('localhost'),
     /** Proxy processes sharing the port (node:cluster); 1 runs it in the host process. Limits are per worker, /metrics merges the workers'; autostart, autostop and app addresses need 1. */
     workers: z.number().int().min(1).max(64).default(1),
+    /**
+     * What takes the HTTP port: "haproxy" (HAProxy in front, serving the apps it can serve as Tarmac would, the Node
+     * proxy behind it for the rest; needs /usr/sbin/haproxy and `workers: 1`) or "node" (the Node proxy alone). Unset:
+     * haproxy where it is installed and `workers` is 1, else node.
+     */
+    engine: z.enum(['node', 'haproxy']).optional(),
     /** Milliseconds without requests after which a machine whose service sets `autostop` is stopped (Fly: a few minutes). */
     autostop_idle_ms: z.number().int().min(100).default(300_000),
     /**
@@ -54,6 +60,8 @@ export const hostConfigSchema = z.strictObject({
       v4: z.array(z.cidrv4({ error: 'must be an IPv4 CIDR range like 127.0.0.0/16' })).default([...defaultIpPool.v4]),
       v6: z.array(z.cidrv6({ error: 'must be an IPv6 CIDR range like fdaa:ffff::/112' })).default([...defaultIpPool.v6]),
     }).default({ v4: [...defaultIpPool.v4], v6: [...defaultIpPool.v6] }),
+  }).refine((p) => p.engine !== 'haproxy' || p.workers === 1, {
+    path: ['workers'], message: 'must be 1 with engine "haproxy" (HAProxy uses every core itself; the Node proxy behind it takes what it does not serve)',
   }).default({
     http: { host: '0.0.0.0', port: 8080 }, apps_domain: 'localhost', workers: 1, autostop_idle_ms: 300_000,
     ip_pool: { v4: [...defaultIpPool.v4], v6: [...defaultIpPool.v6] },

@@ -1,12 +1,13 @@
 // Wires a host: catalog, orchestrator (drivers, images), Machines API and proxy, by the host's roles.
 import { mkdir, readFile, writeFile, chmod } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { randomBytes, randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { openEtcdCatalog, openSqliteCatalog, privateDnsAddress, type Catalog, type EtcdCatalog, type Host, type HostRegistration } from '../catalog/index.ts';
 import { startApi, type RunningApi } from '../api/index.ts';
 import {
-  metricsHandler, startAutostop, startProxy, startProxyCluster, startStoppedMachine, stopIdleMachine, trackProxyMetrics, type RunningProxy,
+  haproxyBinary, metricsHandler, startAutostop, startHaproxyPlane, startProxy, startProxyCluster, startStoppedMachine, stopIdleMachine, trackProxyMetrics, type RunningProxy,
 } from '../proxy/index.ts';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -14,7 +15,7 @@ import { Orchestrator, ImageStore, createDriver, ensureHostFirewall, readLogs, F
 import { hostMeshAddress, meshIdentity, startLocalNetworks, startMesh, MIN_MESH_HOST_NUMBER } from '../mesh/index.ts';
 import { parseUpstream, startDns, upstreamsFromResolvConf, type RunningDns } from '../dns/index.ts';
 import { AcmeManager, defaultAcmePolicy } from '../acme/index.ts';
-import { TarmacError } from '../shared/errors.ts';
+import { TarmacError, errorMessage } from '../shared/errors.ts';
 import { hashToken, newToken } from '../shared/ids.ts';
 import type { Logger } from '../shared/log.ts';
 import { httpsListen, ipPoolOf, meshEndpoint, type HostConfig } from './config.ts';
@@ -136,9 +137,16 @@ export async function startHost(config: HostConfig, log: Logger, env: NodeJS.Pro
         hostId, ...(backhaul ? { backhaul } : {}),
         https: httpsListen(config.proxy), certificatesDir: join(dataDir, 'tls'), appAddresses: config.roles.includes('edge'),
       };
+      const autostart = { catalog, start: (id: string) => startStoppedMachine(catalog, id) };
       proxy = config.proxy.workers > 1
         ? await startProxyCluster({ ...proxyOptions, workers: config.proxy.workers, logLevel: config.log_level })
-        : await startProxy({ ...proxyOptions, autostart: { catalog, start: (id: string) => startStoppedMachine(catalog, id) } });
+        : proxyEngineOf(config) === 'haproxy'
+          ? await startHaproxyPlane({ ...proxyOptions, autostart, stateDir: join(dataDir, 'haproxy') }).catch(async (err: unknown) => {
+            if (config.proxy.engine !== undefined) throw err;
+            log.warn({ reason: errorMessage(err) }, 'HAProxy could not start: the Node proxy takes the HTTP port alone (set proxy.engine to choose)');
+            return startProxy({ ...proxyOptions, autostart });
+          })
+          : await startProxy({ ...proxyOptions, autostart });
       const p = proxy;
       closers.push(() => p.close());
       if (config.proxy.workers === 1) { // a cluster's workers track their own; the metrics listener merges them
@@ -235,6 +243,11 @@ async function hostRow(catalog: Catalog, dataDir: string, id: string, config: Ho
     memory_mb: config.capacity.memory_mb || Math.floor(totalmem() / 2 ** 20),
     address: config.api.host, updated_at: new Date().toISOString(),
   };
+}
+
+/** The proxy engine: as configured, else HAProxy where it is installed and the proxy runs in the host process. */
+export function proxyEngineOf(config: HostConfig): 'node' | 'haproxy' {
+  return config.proxy.engine ?? (config.proxy.workers === 1 && existsSync(haproxyBinary) ? 'haproxy' : 'node');
 }
 
 /** Port of the backhaul listener a mesh host opens at its mesh address when `proxy.backhaul` does not say otherwise. */

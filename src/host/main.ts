@@ -22,6 +22,8 @@ Options:
   --dns-engine E         unbound or node (default unbound where /usr/sbin/unbound exists)
   --apps-domain D        apps answer at <app>.D (default localhost)
   --proxy-workers N      proxy processes sharing the port (default 1)
+  --proxy-engine E       haproxy (HAProxy in front of the Node proxy) or node (default haproxy where
+                         /usr/sbin/haproxy exists and --proxy-workers is 1)
   --proxy-backhaul-listen H:P
                          take requests other hosts' edges forward to this host's machines
                          (a private address: the forwarding headers on it are trusted)
@@ -45,7 +47,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
       config: { type: 'string' }, 'data-dir': { type: 'string' }, 'api-listen': { type: 'string' },
       'proxy-listen': { type: 'string' }, 'apps-domain': { type: 'string' }, region: { type: 'string' },
       runtime: { type: 'string' }, 'no-install': { type: 'boolean' }, 'log-level': { type: 'string' },
-      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' }, 'dns-listen': { type: 'string' }, 'proxy-workers': { type: 'string' },
+      catalog: { type: 'string' }, 'metrics-listen': { type: 'string' }, 'dns-listen': { type: 'string' }, 'proxy-workers': { type: 'string' }, 'proxy-engine': { type: 'string' },
       'proxy-backhaul-listen': { type: 'string' }, 'proxy-https-listen': { type: 'string' }, role: { type: 'string' },
       'mesh-endpoint': { type: 'string' }, 'dns-engine': { type: 'string' },
     },
@@ -62,6 +64,7 @@ export async function hostConfigFromArgs(argv: string[], env: NodeJS.ProcessEnv)
   if (values['proxy-https-listen']) proxy['https'] = parseListen(values['proxy-https-listen'], '--proxy-https-listen');
   if (values['apps-domain']) proxy['apps_domain'] = values['apps-domain'];
   if (values['proxy-workers']) proxy['workers'] = Number(values['proxy-workers']);
+  if (values['proxy-engine']) proxy['engine'] = values['proxy-engine'];
   if (values['proxy-backhaul-listen']) proxy['backhaul'] = parseListen(values['proxy-backhaul-listen'], '--proxy-backhaul-listen');
   if (Object.keys(proxy).length) input['proxy'] = proxy;
   if (values.region) input['region'] = values.region;
