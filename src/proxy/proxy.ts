@@ -770,7 +770,7 @@ class HttpProxy implements RunningProxy {
     }, (req, res) => this.#onRequest(req, res, backhaul));
     server.keepAliveTimeout = t.keepAliveMs;
     // One more than the limit, so a request over it is seen (node:http silently drops fields past its count).
-    server.maxHeadersCount = this.#limits.maxHeaders + 1;
+    server.maxHeadersCount = this.#limits.maxHeaders + (this.#frontKey === undefined ? 1 : 3);
     server.on('clientError', (err: Error, socket: Socket) => this.#onClientError(err, socket));
     server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.#onUpgrade(req, socket, head, backhaul));
     if (backhaul) server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => this.#ports.acceptTunnel(req, socket, head));
@@ -974,7 +974,8 @@ class HttpProxy implements RunningProxy {
    */
   admit(req: ProxyReq, head: RequestHead, backhaul = false): Admission {
     if (head.invalid !== undefined) return { ok: false, code: 'bad_request', message: `bad request: ${head.invalid}` };
-    if (req.rawHeaders.length > this.#limits.maxHeaders * 2) {
+    // The data plane in front adds its two fields (tarmac-front, tarmac-client-ip).
+    if (req.rawHeaders.length > (this.#limits.maxHeaders + (head.front === undefined ? 0 : 2)) * 2) {
       return { ok: false, code: 'headers_too_large', message: `too many request header fields (the limit is ${this.#limits.maxHeaders})` };
     }
     // On an app's own address and port the app is known; elsewhere the Host names it.

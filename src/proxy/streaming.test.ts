@@ -1,13 +1,18 @@
-// A 1 GB request body and a 1 GB response body stream through the proxy (HTTP/1.1) while the process's memory stays flat.
+// A 1 GB request body and a 1 GB response body stream through the proxy (HTTP/1.1) while the proxy's memory stays flat:
+// this process's on the Node engine, and on the HAProxy engine HAProxy's processes' as well.
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { createCipheriv, createHash, type Hash } from 'node:crypto';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { createServer, request, type IncomingMessage, type RequestListener } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { createApp, httpService, proxyFor, startedMachine, tempCatalog } from './testing.ts';
+import type { RunningProxy } from './proxy.ts';
+import { createApp, haproxyStateDir, httpService, proxyEngines, proxyOn, startedMachine, tempCatalog, type ProxyEngine } from './testing.ts';
 
 const size = 2 ** 30;
 const chunk = 2 ** 16;
@@ -49,48 +54,78 @@ function counter(): { sink: Writable; bytes(): number; digest(): string } {
   return { sink, bytes: () => n, digest: () => hash.digest('hex') };
 }
 
-/** Samples this process's RSS and ArrayBuffer memory every 50 ms until stopped; reports the growth over the first sample. */
-function memoryWatch(): { stop(): { rssGrowth: number; arrayBuffersGrowth: number; samples: number } } {
+interface Memory { rssGrowth: number; arrayBuffersGrowth: number; haproxyRssGrowth: number; samples: number }
+
+/**
+ * Samples this process's RSS and ArrayBuffer memory, and the summed RSS of the `haproxy` processes, every 50 ms until
+ * stopped; reports the growth over the first sample.
+ */
+function memoryWatch(haproxy: readonly number[]): { stop(): Memory } {
   const base = process.memoryUsage();
+  const baseHaproxy = rssOf(haproxy);
   let rss = base.rss;
   let arrayBuffers = base.arrayBuffers;
+  let haproxyRss = baseHaproxy;
   let samples = 0;
   const timer = setInterval(() => {
     const m = process.memoryUsage();
     rss = Math.max(rss, m.rss);
     arrayBuffers = Math.max(arrayBuffers, m.arrayBuffers);
+    haproxyRss = Math.max(haproxyRss, rssOf(haproxy));
     samples++;
   }, 50);
   return {
     stop() {
       clearInterval(timer);
-      return { rssGrowth: rss - base.rss, arrayBuffersGrowth: arrayBuffers - base.arrayBuffers, samples };
+      return { rssGrowth: rss - base.rss, arrayBuffersGrowth: arrayBuffers - base.arrayBuffers, haproxyRssGrowth: haproxyRss - baseHaproxy, samples };
     },
   };
 }
 
-/** The fake machine on loopback, behind a proxy routing `stream.localhost` to it. */
-async function throughProxy(t: TestContext, handler: RequestListener): Promise<number> {
+/** The summed resident memory of `pids` in bytes (VmRSS from /proc; a process gone meanwhile counts 0). */
+function rssOf(pids: readonly number[]): number {
+  let total = 0;
+  for (const pid of pids) {
+    try {
+      total += Number(/^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) * 1024;
+    } catch {
+      // exited
+    }
+  }
+  return total;
+}
+
+/** The haproxy processes (master and workers) of the data plane of `proxy`, found by the config it runs. */
+function haproxyPids(proxy: RunningProxy): number[] {
+  const config = join(haproxyStateDir(proxy), 'haproxy.cfg');
+  return execFileSync('pgrep', ['-f', config], { encoding: 'utf8' }).trim().split('\n').map(Number);
+}
+
+/** The fake machine on loopback, behind a proxy routing `stream.localhost` to it; the port and the HAProxy pids, if any. */
+async function throughProxy(engine: ProxyEngine, t: TestContext, handler: RequestListener): Promise<{ port: number; haproxy: number[] }> {
   const machine = createServer(handler);
   await new Promise<void>((resolve) => machine.listen(0, '127.0.0.1', resolve));
   t.after(() => new Promise<void>((resolve) => { machine.closeAllConnections(); machine.close(() => resolve()); }));
   const c = await tempCatalog(t);
   await createApp(c, 'stream');
   await startedMachine(c, 'stream', httpService((machine.address() as AddressInfo).port));
-  return (await proxyFor(t, c)).address.port;
+  const proxy = await proxyOn(engine, t, c);
+  return { port: proxy.address.port, haproxy: engine === 'haproxy' ? haproxyPids(proxy) : [] };
 }
 
-function assertFlat(t: TestContext, m: { rssGrowth: number; arrayBuffersGrowth: number; samples: number }, ms: number): void {
+function assertFlat(t: TestContext, m: Memory, ms: number): void {
   const mb = (x: number) => (x / 2 ** 20).toFixed(0);
-  t.diagnostic(`1 GiB in ${(ms / 1000).toFixed(1)} s; RSS grew ${mb(m.rssGrowth)} MiB, ArrayBuffers ${mb(m.arrayBuffersGrowth)} MiB (${m.samples} samples)`);
+  t.diagnostic(`1 GiB in ${(ms / 1000).toFixed(1)} s; RSS grew ${mb(m.rssGrowth)} MiB, ArrayBuffers ${mb(m.arrayBuffersGrowth)} MiB, HAProxy RSS ${mb(m.haproxyRssGrowth)} MiB (${m.samples} samples)`);
   assert.ok(m.samples > 0, 'memory was sampled during the transfer');
   assert.ok(m.rssGrowth < memoryBound, `RSS grew ${mb(m.rssGrowth)} MiB while 1 GiB passed (bound ${mb(memoryBound)} MiB)`);
   assert.ok(m.arrayBuffersGrowth < memoryBound, `ArrayBuffers grew ${mb(m.arrayBuffersGrowth)} MiB while 1 GiB passed (bound ${mb(memoryBound)} MiB)`);
+  assert.ok(m.haproxyRssGrowth < memoryBound, `HAProxy's RSS grew ${mb(m.haproxyRssGrowth)} MiB while 1 GiB passed (bound ${mb(memoryBound)} MiB)`);
 }
 
-test('a 1 GB upload streams through to the machine intact, with flat memory', async (t) => {
+for (const engine of proxyEngines) {
+test(`${engine}: a 1 GB upload streams through to the machine intact, with flat memory`, async (t) => {
   let received: { bytes: number; sha256: string } | undefined;
-  const port = await throughProxy(t, (req, res) => {
+  const { port, haproxy } = await throughProxy(engine, t, (req, res) => {
     const got = counter();
     pipeline(req, got.sink).then(() => {
       received = { bytes: got.bytes(), sha256: got.digest() };
@@ -98,7 +133,7 @@ test('a 1 GB upload streams through to the machine intact, with flat memory', as
     }, () => res.destroy());
   });
   const body = seeded(1, size);
-  const watch = memoryWatch();
+  const watch = memoryWatch(haproxy);
   const started = performance.now();
   const req = request({ port, method: 'PUT', path: '/upload', agent: false, headers: { host: 'stream.localhost', 'content-length': String(size) } });
   const responded = once(req, 'response') as Promise<[IncomingMessage]>;
@@ -113,15 +148,15 @@ test('a 1 GB upload streams through to the machine intact, with flat memory', as
   assertFlat(t, memory, performance.now() - started);
 });
 
-test('a 1 GB download streams through to the client intact, with flat memory', async (t) => {
+test(`${engine}: a 1 GB download streams through to the client intact, with flat memory`, async (t) => {
   let sent: Hash | undefined;
-  const port = await throughProxy(t, (_req, res) => {
+  const { port, haproxy } = await throughProxy(engine, t, (_req, res) => {
     const body = seeded(2, size);
     sent = body.hash;
     res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(size) });
     pipeline(body.stream, res).catch(() => res.destroy());
   });
-  const watch = memoryWatch();
+  const watch = memoryWatch(haproxy);
   const started = performance.now();
   const req = request({ port, path: '/download', agent: false, headers: { host: 'stream.localhost' } });
   req.end();
@@ -135,3 +170,4 @@ test('a 1 GB download streams through to the client intact, with flat memory', a
   assert.equal(got.digest(), sent.digest('hex'));
   assertFlat(t, memory, performance.now() - started);
 });
+}

@@ -8,7 +8,8 @@ import { silentLogger } from '../shared/log.ts';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { existsSync } from 'node:fs';
 import { startHaproxyPlane } from './haproxy/plane.ts';
-import { haproxyBinary } from './haproxy/process.ts';
+import { haproxyBinary, parseStatCsv } from './haproxy/process.ts';
+import { connect } from 'node:net';
 import { proxyQueueChannel, startProxy, type ProxyLimits, type ProxyOptions, type ProxyQueueEvent, type ProxyTimeouts, type RunningProxy } from './proxy.ts';
 
 const now = () => new Date().toISOString();
@@ -70,7 +71,35 @@ export async function proxyOn(
     await plane.close();
     await rm(dir, { recursive: true, force: true });
   });
+  haproxyDirs.set(plane, dir);
   return plane;
+}
+
+const haproxyDirs = new WeakMap<RunningProxy, string>();
+
+/** The state dir (config, sockets) of a proxy `proxyOn` started on the haproxy engine. */
+export function haproxyStateDir(proxy: RunningProxy): string {
+  const dir = haproxyDirs.get(proxy);
+  if (dir === undefined) throw new Error('not a proxy proxyOn started on the haproxy engine');
+  return dir;
+}
+
+/** One command on a HAProxy runtime API socket (`<state dir>/admin.sock`). */
+export function haproxyAdmin(socket: string, line: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = connect(socket);
+    let out = '';
+    s.setEncoding('utf8');
+    s.on('data', (d: string) => { out += d; });
+    s.on('end', () => resolve(out));
+    s.on('error', reject);
+    s.end(`${line}\n`);
+  });
+}
+
+/** `show stat` rows of the HAProxy of a proxy `proxyOn` started on the haproxy engine. */
+export async function haproxyStats(proxy: RunningProxy): Promise<Record<string, string>[]> {
+  return parseStatCsv(await haproxyAdmin(join(haproxyStateDir(proxy), 'admin.sock'), 'show stat'));
 }
 
 export async function proxyFor(

@@ -23,8 +23,12 @@ export interface HaproxyConfigInput {
   readonly frontKey: string;
   readonly region: string;
   readonly threads: number;
+  /** The user and group HAProxy's workers run as (the master, which binds the ports, stays as it started); none: unchanged. */
+  readonly runAs?: { readonly user: string; readonly group: string };
   readonly timeouts: Required<ProxyTimeouts>;
   readonly maxHeaders: number;
+  /** Requests of one app that may wait for a machine below its hard limit (503 beyond). */
+  readonly queuePerApp: number;
   /**
    * Per-request log lines, for request events: HAProxy's `log` target (global), `log-format`, and any sections the
    * target needs (a ring); none without.
@@ -70,13 +74,24 @@ function ms(value: number): string {
   return `${value > 0 ? value : 86_400_000}ms`;
 }
 
-function address(host: string, port: number): string {
+/** `host:port`, brackets around an IPv6 host: how HAProxy takes an address with a port. */
+export function address(host: string, port: number): string {
   return `${host.includes(':') ? `[${host}]` : host}:${port}`;
 }
 
-/** A plain-text error HAProxy answers itself, with Tarmac's `tarmac-proxy-error` code and the request id. */
+/** HAProxy's reply arguments for one of Tarmac's plain-text errors, with its `tarmac-proxy-error` code. */
+function reply(status: number, code: string, message: string): string {
+  return `status ${status} content-type "text/plain; charset=utf-8" hdr tarmac-proxy-error ${code} hdr cache-control no-store string "${message}\\n"`;
+}
+
+/** A plain-text error HAProxy answers itself (for a status it produces). */
 function httpError(status: number, code: string, message: string): string {
-  return `  http-error status ${status} content-type "text/plain; charset=utf-8" hdr tarmac-proxy-error ${code} hdr fly-request-id "%[unique-id]" hdr cache-control no-store string "${message}\\n"`;
+  return `  http-error ${reply(status, code, message)}`;
+}
+
+/** Most requests one server takes at once: the machine's hard limit, within what HAProxy holds. */
+export function serverMaxconn(b: Backend): number {
+  return Math.min(b.hardLimit, 1_000_000);
 }
 
 /** The config text and the host map's contents. */
@@ -86,8 +101,10 @@ export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap
     'global',
     '  master-worker',
     `  nbthread ${c.threads}`,
+    ...(c.runAs === undefined ? [] : [`  user ${c.runAs.user}`, `  group ${c.runAs.group}`]),
     `  stats socket ${c.adminSocket} mode 600 level admin expose-fd listeners`,
-    `  tune.http.maxhdr ${c.maxHeaders}`,
+    // Room for the fields HAProxy adds; what a client may send is checked in the frontend.
+    `  tune.http.maxhdr ${c.maxHeaders + 16}`,
     // Old processes of a reload finish their requests; long tunnels are cut after this.
     '  hard-stop-after 15m',
     ...(c.log === undefined ? [] : [`  ${c.log.target}`]),
@@ -101,9 +118,11 @@ export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap
     `  timeout client ${ms(t.clientRequestMs)}`,
     `  timeout http-request ${ms(t.clientHeadersMs)}`,
     `  timeout http-keep-alive ${ms(t.keepAliveMs)}`,
-    `  timeout server ${ms(t.backendHeadersMs)}`,
+    // An inactivity timeout over the whole exchange in HAProxy: the longer of the headers and body timeouts.
+    `  timeout server ${ms(Math.max(t.backendHeadersMs, t.backendBodyMs))}`,
     `  timeout queue ${ms(t.queueMs)}`,
-    '  timeout tunnel 1h',
+    // The Node proxy keeps tunnels (WebSockets) open however long they are idle: so does HAProxy, nearly.
+    `  timeout tunnel ${ms(0)}`,
     '  timeout client-fin 5s',
     '',
     'frontend http',
@@ -111,19 +130,28 @@ export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap
     `  unique-id-format "%{+X}o%Ts%rt%pid-${c.region}"`,
     // HAProxy 2.6 lets NUL and a bare CR through in header values (RFC 9110 §5.5: reject or replace) and takes any
     // method token, CONNECT and any HTTP/1.x version; the Node proxy refuses them all.
-    '  http-request deny deny_status 400 if !{ method -m reg ^[A-Z]+$ } || METH_CONNECT || !{ req.ver 1.1 1.0 }',
-    '  http-request deny deny_status 400 if { req.hdrs -m reg \\\\x00|\\\\r(?!\\\\n) }',
+    `  http-request deny ${reply(400, 'bad_request', 'bad request: invalid method, version or header value')} if !{ method -m reg ^[A-Z]+$ } || METH_CONNECT || !{ req.ver 1.1 1.0 } || { req.hdrs -m reg \\\\x00|\\\\r(?!\\\\n) }`,
+    `  http-request deny ${reply(431, 'headers_too_large', `too many request header fields (the limit is ${c.maxHeaders})`)} if { req.fhdr_cnt() gt ${c.maxHeaders} }`,
     ...[...droppedRequestHeaders, ...hopByHopRequest].map((h) => `  http-request del-header ${h}`),
-    // Routed by Host (without port, lower case) through the map; everything the map does not name, and every request
-    // that asks for a machine or region, or is not in origin form, or is an ACME HTTP-01 challenge, goes to the Node proxy.
-    `  http-request set-var(txn.host) req.hdr(host),field(1,:),lower`,
+    // Routed by Host (without port, lower case) through the map. The Node proxy takes everything the map does not
+    // name and every request HAProxy would not handle as it does: a Host that is not a plain name[:port], a target not
+    // in origin form, a machine or region asked for, an ACME HTTP-01 challenge, Connection naming other headers (the
+    // Node proxy strips them), several X-Forwarded-For lines (it joins them).
+    '  http-request set-var(txn.host) req.fhdr(host),field(1,:),lower',
     `  http-request set-var(txn.be) var(txn.host),map(${c.hostsMap})`,
-    `  http-request set-var(txn.be) str(${nodeBackend}) if !{ var(txn.be) -m found } || !{ url_beg / } || !{ req.hdr_cnt(host) eq 1 }`,
+    `  http-request set-var(txn.be) str(${nodeBackend}) if !{ var(txn.be) -m found } || !{ req.fhdr_cnt(host) eq 1 } || !{ req.fhdr(host) -m reg ^[A-Za-z0-9.-]+(:[0-9]{1,5})?$ } || !{ url_beg / }`,
     `  http-request set-var(txn.be) str(${nodeBackend}) if { req.hdr(fly-force-instance-id) -m found } || { req.hdr(fly-prefer-region) -m found } || { url_beg ${acmeHttpPrefix} }`,
+    `  http-request set-var(txn.be) str(${nodeBackend}) if { req.fhdr_cnt(connection) gt 1 } || { req.fhdr(connection) -m reg -i [^,[:space:]] } !{ req.fhdr(connection) -m reg -i ^[[:space:]]*(keep-alive|close|upgrade)([[:space:]]*,[[:space:]]*(keep-alive|close|upgrade))*[[:space:]]*$ }`,
+    `  http-request set-var(txn.be) str(${nodeBackend}) if { req.fhdr_cnt(x-forwarded-for) gt 1 }`,
     '  use_backend %[var(txn.be)]',
     `  default_backend ${nodeBackend}`,
+    // The request id and Via on what HAProxy answers (the Node proxy sets its own).
+    `  http-after-response set-header fly-request-id %[unique-id] unless { var(txn.be) -m str ${nodeBackend} }`,
+    `  http-after-response add-header via "1.1 tarmac" unless { var(txn.be) -m str ${nodeBackend} }`,
     '',
     `backend ${nodeBackend}`,
+    // The Node proxy keeps its own timeouts (queue, autostart, headers, body): HAProxy waits on it as long as needed.
+    `  timeout server ${ms(0)}`,
     '  http-request set-log-level silent',
     `  http-request set-header tarmac-front ${c.frontKey}`,
     '  http-request set-header tarmac-client-ip %[src]',
@@ -139,9 +167,12 @@ export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap
       '  balance leastconn',
       '  retries 1',
       '  option redispatch 1',
-      '  option forwardfor',
       `  http-request set-var(txn.app) str(${a.app})`,
+      // Past the queue bound, at once (as the Node proxy's queuePerApp).
+      `  http-request return ${reply(503, 'over_capacity', `every machine of app ${a.app} is at its hard concurrency limit and ${c.queuePerApp} requests already wait`)} if { queue ge ${c.queuePerApp} }`,
       '  http-request set-header fly-client-ip %[src]',
+      '  http-request set-header x-forwarded-for "%[req.fhdr(x-forwarded-for)], %[src]" if { req.fhdr(x-forwarded-for) -m found }',
+      '  http-request set-header x-forwarded-for %[src] unless { req.fhdr(x-forwarded-for) -m found }',
       '  http-request set-header x-forwarded-proto http',
       '  http-request set-header x-forwarded-port %[dst_port]',
       '  http-request set-header fly-forwarded-port %[dst_port]',
@@ -156,14 +187,15 @@ export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap
       `  http-response set-map(${c.hostsMap}) %[var(txn.host)] ${nodeBackend} if { res.hdr(fly-replay) -m found } { var(txn.bodyless) -m bool }`,
       '  http-response redirect location %[var(txn.uri)] code 307 if { res.hdr(fly-replay) -m found } { var(txn.bodyless) -m bool }',
       ...hopByHopResponse.map((h) => `  http-response del-header ${h}`),
-      '  http-response del-header fly-request-id',
-      '  http-response add-header fly-request-id %[unique-id]',
-      '  http-response add-header via "1.1 tarmac"',
       httpError(502, 'backend_unreachable', `could not reach a machine of app ${a.app}`),
-      httpError(503, 'over_capacity', `every machine of app ${a.app} is at its hard limit and the wait for one ran out`),
+      // HAProxy answers 503 both when the wait for a machine below its hard limit runs out and when connecting failed
+      // (after the retry); a server was picked only in the second case, which the Node proxy answers 502.
+      httpError(503, 'over_capacity', `no machine of app ${a.app} took the request: all were at their hard limit until the wait ran out, or none could be reached`),
+      '  http-after-response set-header tarmac-proxy-error backend_unreachable if { status 503 } { srv_id -m found } { res.hdr(tarmac-proxy-error) -m str over_capacity }',
+      '  http-after-response set-status 502 if { status 503 } { res.hdr(tarmac-proxy-error) -m str backend_unreachable }',
       httpError(504, 'backend_timeout', `a machine of app ${a.app} did not answer in time`),
     );
-    for (const b of a.backends) lines.push(`  server ${serverName(b)} ${address(b.address, b.port)} maxconn ${b.hardLimit}`);
+    for (const b of a.backends) lines.push(`  server ${serverName(b)} ${address(b.address, b.port)} maxconn ${serverMaxconn(b)}`);
     lines.push('');
   }
   for (const section of c.log?.sections ?? []) lines.push(section, '');

@@ -361,3 +361,22 @@ function pick(e: ProxyRequestEvent | undefined) {
   assert.ok(e);
   return { error: e.error, status: e.status, attempts: e.attempts, responseBytes: e.responseBytes };
 }
+
+describe('HaproxyEventReceiver with a key', () => {
+  test('only lines that start with the key are events (any local process can connect to the receiver)', async (t) => {
+    const receiver = await HaproxyEventReceiver.start({ log: silentLogger(), key: 'k3y' });
+    t.after(() => receiver.close());
+    assert.equal(receiver.logFormat, `k3y ${haproxyLogFormat}`);
+    const seen: ProxyRequestEvent[] = [];
+    const on = (m: unknown) => seen.push(m as ProxyRequestEvent);
+    subscribe(proxyRequestChannel, on);
+    t.after(() => unsubscribe(proxyRequestChannel, on));
+    const s = await connectTo(receiver.port);
+    t.after(() => s.destroy());
+    s.write(frame('tm1 forged GET h a m_x 200 1 2 0 --'));
+    s.write(frame('k3y tm1 real GET h a m_x 200 1 2 0 --'));
+    await waitFor('the keyed line', () => seen.length > 0);
+    assert.deepEqual(seen.map((e) => e.requestId), ['real']);
+    assert.equal(receiver.malformedLines, 1);
+  });
+});

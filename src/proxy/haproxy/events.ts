@@ -226,15 +226,22 @@ export class HaproxyEventReceiver {
   #malformedLines = 0;
   #malformedStreams = 0;
 
-  private constructor(server: Server, log: Logger, readonly port: number) {
+  /** `<key> ` that every line must start with (what a local process that connects here cannot know); none without a key. */
+  readonly #prefix: Buffer | undefined;
+
+  private constructor(server: Server, log: Logger, readonly port: number, readonly key: string | undefined) {
     this.#server = server;
     this.#log = log;
+    this.#prefix = key === undefined ? undefined : Buffer.from(`${key} `, 'latin1');
     server.on('connection', (socket) => this.#accept(socket));
     server.on('error', (err) => log.warn({ err }, 'haproxy event listener failed'));
   }
 
-  /** Listens on 127.0.0.1 at a free port; point HAProxy at it with `haproxyLogTarget()` and `haproxyLogSections(port)`. */
-  static async start(opts: { log: Logger; region?: string }): Promise<HaproxyEventReceiver> {
+  /**
+   * Listens on 127.0.0.1 at a free port; point HAProxy at it with `haproxyLogTarget()`, `haproxyLogSections(port)`
+   * and `logFormat`. With a `key`, only lines that start with it count (any local process can connect here).
+   */
+  static async start(opts: { log: Logger; region?: string; key?: string }): Promise<HaproxyEventReceiver> {
     const server = createServer({ noDelay: true });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -244,7 +251,12 @@ export class HaproxyEventReceiver {
       });
     });
     const log = opts.log.child({ component: 'haproxy-events', ...(opts.region === undefined ? {} : { region: opts.region }) });
-    return new HaproxyEventReceiver(server, log, (server.address() as { port: number }).port);
+    return new HaproxyEventReceiver(server, log, (server.address() as { port: number }).port, opts.key);
+  }
+
+  /** The log-format HAProxy must use for this receiver: `haproxyLogFormat`, after the key when there is one. */
+  get logFormat(): string {
+    return this.key === undefined ? haproxyLogFormat : `${this.key} ${haproxyLogFormat}`;
   }
 
   /** Lines that were not in `haproxyLogFormat` (truncated ones included) and were dropped. */
@@ -279,6 +291,14 @@ export class HaproxyEventReceiver {
 
   #onLine(buf: Buffer, start: number, end: number): void {
     if (!requestEvents.hasSubscribers) return;
+    const prefix = this.#prefix;
+    if (prefix !== undefined) {
+      if (end - start < prefix.length || buf.compare(prefix, 0, prefix.length, start, start + prefix.length) !== 0) {
+        this.#malformedLines++;
+        return;
+      }
+      start += prefix.length;
+    }
     const line = buf.toString('latin1', start, end);
     const event = parseHaproxyLogLine(line);
     if (event !== undefined) {

@@ -4,6 +4,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -12,19 +13,20 @@ import { join } from 'node:path';
 import { request } from 'undici';
 import type { Catalog } from '../../catalog/index.ts';
 import { silentLogger } from '../../shared/log.ts';
-import { proxyRequestChannel, type ProxyRequestEvent, type ProxyTimeouts, type RunningProxy } from '../proxy.ts';
-import { createApp, httpService, startedMachine, tempCatalog } from '../testing.ts';
+import { proxyRequestChannel, type ProxyLimits, type ProxyRequestEvent, type ProxyTimeouts, type RunningProxy } from '../proxy.ts';
+import { createApp, haproxyAdmin, httpService, startedMachine, tempCatalog } from '../testing.ts';
 import { startHaproxyPlane } from './plane.ts';
 import { waitFor } from '../../../test/helpers/wait.ts';
 
-interface Machine { port: number; hits: number; headers: IncomingHttpHeaders[]; server: Server }
+interface Machine { port: number; hits: number; headers: IncomingHttpHeaders[]; raw: string[][]; server: Server }
 
 /** A node:http server on loopback playing a machine; it records the headers it got and answers with its port. */
 async function machineServer(t: TestContext, handler?: (req: IncomingMessage, res: ServerResponse) => boolean): Promise<Machine> {
-  const m: Machine = { port: 0, hits: 0, headers: [], server: undefined as unknown as Server };
+  const m: Machine = { port: 0, hits: 0, headers: [], raw: [], server: undefined as unknown as Server };
   m.server = createServer((req, res) => {
     m.hits++;
     m.headers.push(req.headers);
+    m.raw.push(req.rawHeaders);
     if (handler?.(req, res) === true) return;
     res.end(`machine ${m.port}`);
   });
@@ -37,10 +39,10 @@ async function machineServer(t: TestContext, handler?: (req: IncomingMessage, re
   return m;
 }
 
-async function planeFor(t: TestContext, catalog: Catalog, timeouts: ProxyTimeouts = {}): Promise<{ plane: RunningProxy; dir: string }> {
+async function planeFor(t: TestContext, catalog: Catalog, timeouts: ProxyTimeouts = {}, limits: ProxyLimits = {}): Promise<{ plane: RunningProxy; dir: string }> {
   const dir = await mkdtemp(join(tmpdir(), 'tarmac-haproxy-'));
   const plane = await startHaproxyPlane({
-    catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'test-region', timeouts,
+    catalog, http: { host: '127.0.0.1', port: 0 }, appsDomain: 'localhost', log: silentLogger(), region: 'test-region', timeouts, limits,
     stateDir: dir, threads: 1, autostart: { catalog, start: async () => undefined },
   });
   t.after(async () => {
@@ -52,15 +54,7 @@ async function planeFor(t: TestContext, catalog: Catalog, timeouts: ProxyTimeout
 
 /** One runtime API command on the plane's HAProxy. */
 function admin(dir: string, command: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const s = connect(join(dir, 'admin.sock'));
-    let out = '';
-    s.setEncoding('utf8');
-    s.on('data', (d: string) => { out += d; });
-    s.on('end', () => resolve(out));
-    s.on('error', reject);
-    s.end(`${command}\n`);
-  });
+  return haproxyAdmin(join(dir, 'admin.sock'), command);
 }
 
 /** Requests HAProxy sent to a backend so far (its `stot`), or undefined when it has no such backend. */
@@ -160,6 +154,49 @@ test('requests HAProxy does not serve itself reach the Node proxy, which sees th
   assert.equal(a.headers.at(-1)!['fly-forwarded-port'], nodePort, 'not taken for a request of the data plane');
 });
 
+/** Sends raw bytes to the plane and reads the status of the first response. */
+function rawStatus(plane: RunningProxy, data: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = connect(plane.address.port, '127.0.0.1');
+    let out = '';
+    s.setEncoding('latin1');
+    s.on('data', (d: string) => {
+      out += d;
+      if (out.includes('\r\n')) {
+        s.destroy();
+        resolve(Number(out.slice(9, 12)));
+      }
+    });
+    s.on('error', reject);
+    s.write(data);
+  });
+}
+
+test('requests HAProxy would handle otherwise than the Node proxy are the Node proxy\'s', async (t) => {
+  const catalog = await tempCatalog(t);
+  await createApp(catalog, 'web');
+  const a = await machineServer(t);
+  await startedMachine(catalog, 'web', httpService(a.port));
+  const { plane, dir } = await planeFor(t, catalog);
+
+  // A Host that is more than a name and a port: the Node proxy refuses it (an app building links from it would not).
+  for (const host of ['web.localhost:@evil.example', 'web.localhost:80:90', 'web.localhost:"x']) {
+    assert.equal(await rawStatus(plane, `GET / HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`), 400, host);
+  }
+  assert.equal(a.hits, 0);
+  // Connection naming another header: the Node proxy strips it.
+  assert.equal(await rawStatus(plane, 'GET / HTTP/1.1\r\nHost: web.localhost\r\nConnection: close, x-secret\r\nX-Secret: 1\r\n\r\n'), 200);
+  assert.equal(a.headers.at(-1)!['x-secret'], undefined);
+  // X-Forwarded-For on two lines: one line to the machine, the client's address last.
+  assert.equal(await rawStatus(plane, 'GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\nConnection: close\r\n\r\n'), 200);
+  assert.deepEqual(a.raw.at(-1)!.filter((_, i, r) => i % 2 === 1 && r[i - 1]!.toLowerCase() === 'x-forwarded-for'), ['6.6.6.6, 7.7.7.7, 127.0.0.1']);
+  assert.equal(await served(dir, 'app_web'), 0, 'the Node proxy served all of them');
+  // HAProxy itself, with one X-Forwarded-For line: still one line to the machine.
+  assert.equal(await rawStatus(plane, 'GET / HTTP/1.1\r\nHost: Web.LocalHost:80\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n'), 200);
+  assert.equal(await served(dir, 'app_web'), 1);
+  assert.deepEqual(a.raw.at(-1)!.filter((_, i, r) => i % 2 === 1 && r[i - 1]!.toLowerCase() === 'x-forwarded-for'), ['6.6.6.6, 127.0.0.1']);
+});
+
 test('an app with autostop or an autostart candidate stays on the Node proxy', async (t) => {
   const catalog = await tempCatalog(t);
   await createApp(catalog, 'lazy');
@@ -180,11 +217,16 @@ test('over the hard limit a request waits in HAProxy\'s queue, then gets a 503 n
     return true;
   });
   await startedMachine(catalog, 'slow', httpService(a.port, { type: 'requests', soft_limit: 1, hard_limit: 1 }));
-  const { plane } = await planeFor(t, catalog, { queueMs: 300 });
+  const { plane, dir } = await planeFor(t, catalog, { queueMs: 300 }, { queuePerApp: 1 });
   const held = get(plane, 'slow.localhost', '/hold');
   await waitFor('the first request to reach the machine', () => release !== undefined);
-  const r = await get(plane, 'slow.localhost', '/second');
-  assert.equal(r.status, 503);
+  const queued = get(plane, 'slow.localhost', '/second');
+  await waitFor('the second request to queue', async () => (await admin(dir, 'show stat')).split('\n').some((l) => l.startsWith('app_slow,BACKEND,') && l.split(',')[2] === '1'));
+  const refused = await get(plane, 'slow.localhost', '/third');
+  assert.equal(refused.status, 503, 'the queue holds one: refused at once');
+  assert.equal(refused.headers['tarmac-proxy-error'], 'over_capacity');
+  const r = await queued;
+  assert.equal(r.status, 503, 'the wait ran out');
   assert.equal(r.headers['tarmac-proxy-error'], 'over_capacity');
   release!();
   assert.equal((await held).body, 'held');
@@ -212,6 +254,7 @@ test('fly-replay: the request that asks is sent back to the same URL and the app
     return r.status === 307 ? r : undefined;
   });
   assert.equal(first.headers.location, '/write');
+  assert.match(String(first.headers['fly-request-id']), /-test-region$/);
   assert.equal(first.headers['fly-replay'], undefined);
   // From now on the Node proxy has the app: a replay is followed through.
   await waitFor('the app to move to the Node proxy', async () => (await served(dir, 'app_rp')) === undefined);
@@ -230,6 +273,11 @@ test('close() ends HAProxy and the Node proxy', async (t) => {
   const plane = await startHaproxyPlane({ catalog, http: { host: '127.0.0.1', port: 0 }, log: silentLogger(), stateDir: dir, threads: 1 });
   const pids = () => execFileSync('pgrep', ['-f', join(dir, 'haproxy.cfg')], { encoding: 'utf8' }).trim();
   assert.notEqual(pids(), '');
+  if (process.getuid?.() === 0) {
+    // The worker (the master's child) parses clients' requests without root's powers.
+    const uids = pids().split('\n').map((pid) => /^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+    assert.ok(uids.some((u) => u !== '0'), `a haproxy process runs as another user (uids ${uids.join(', ')})`);
+  }
   await plane.close();
   assert.throws(() => pids(), 'no haproxy process of this plane is left');
   await assert.rejects(request(`http://127.0.0.1:${plane.address.port}/`, { headers: { host: 'x.localhost' } }));

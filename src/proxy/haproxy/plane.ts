@@ -2,6 +2,7 @@
 // would (by Host, least loaded, hard limits with a queue, Fly's headers); every other request goes on to the Node proxy.
 import { randomBytes } from 'node:crypto';
 import { subscribe, unsubscribe as unsubscribeChannel } from 'node:diagnostics_channel';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, rename, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { availableParallelism } from 'node:os';
@@ -12,9 +13,9 @@ import type { Logger } from '../../shared/log.ts';
 import { autostartable } from '../autostart.ts';
 import { autostopEnabled } from '../autostop.ts';
 import { proxyDefaults, proxyRequestChannel, startProxy, type ProxyOptions, type ProxyRequestEvent, type RunningProxy } from '../proxy.ts';
-import type { RoutingTable } from '../routing.ts';
-import { configurable, haproxyConfig, nodeBackend, type FastApp } from './config.ts';
-import { haproxyLogFormat, haproxyLogSections, haproxyLogTarget, HaproxyEventReceiver } from './events.ts';
+import type { Backend, RoutingTable } from '../routing.ts';
+import { address, appBackend, configurable, haproxyConfig, nodeBackend, serverMaxconn, serverName, type FastApp } from './config.ts';
+import { haproxyLogSections, haproxyLogTarget, HaproxyEventReceiver } from './events.ts';
 import { HaproxyProcess } from './process.ts';
 
 export interface HaproxyPlaneOptions extends ProxyOptions {
@@ -28,8 +29,31 @@ export interface HaproxyPlaneOptions extends ProxyOptions {
   binary?: string;
 }
 
-/** Catalog batches within this many ms are applied with one reload. */
+/** Catalog batches within this many ms are applied together. */
 const debounceMs = 20;
+/** How often a machine taken out of HAProxy with requests still in flight is tried for deletion again. */
+const drainRetryMs = 1_000;
+
+/** A server as HAProxy has it. */
+interface LoadedServer { readonly address: string; readonly port: number; readonly maxconn: number }
+
+function serverOf(b: Backend): LoadedServer {
+  return { address: b.address, port: b.port, maxconn: serverMaxconn(b) };
+}
+
+/**
+ * The user HAProxy's workers run as when Tarmac runs as root: Debian's `haproxy` (made by its package), else `nobody`.
+ */
+function workerUser(): { user: string; group: string } | undefined {
+  if (process.getuid?.() !== 0) return undefined;
+  const passwd = existsSync('/etc/passwd') ? readFileSync('/etc/passwd', 'utf8') : '';
+  return /^haproxy:/m.test(passwd) ? { user: 'haproxy', group: 'haproxy' } : { user: 'nobody', group: 'nogroup' };
+}
+
+/** What only a reload changes: the apps HAProxy serves and their host names. */
+function structureOf(apps: readonly FastApp[]): string {
+  return JSON.stringify(apps.map((a) => [a.app, a.hosts]));
+}
 
 /**
  * Starts Tarmac's Node proxy on a loopback port and HAProxy on the proxy's HTTP address in front of it. An app is
@@ -42,7 +66,7 @@ export async function startHaproxyPlane(opts: HaproxyPlaneOptions): Promise<Runn
   await mkdir(opts.stateDir, { recursive: true, mode: 0o700 });
   const port = opts.http.port !== 0 ? opts.http.port : await freePort(opts.http.host);
   const frontKey = randomBytes(24).toString('base64url');
-  const events = await HaproxyEventReceiver.start({ log });
+  const events = await HaproxyEventReceiver.start({ log, key: randomBytes(12).toString('base64url') });
   let node: RunningProxy | undefined;
   try {
     node = await startProxy({ ...opts, http: { host: '127.0.0.1', port: 0 }, front: { key: frontKey, port } });
@@ -67,13 +91,24 @@ class Plane implements RunningProxy {
   readonly #hostsMap: string;
   readonly #adminSocket: string;
   readonly #suffix: string;
+  readonly #runAs = workerUser();
   /** Apps that asked for a replay: the Node proxy serves them from then on. */
   readonly #replaying = new Set<string>();
   #haproxy: HaproxyProcess | undefined;
   #unsubscribe: (() => void) | undefined;
   #timer: NodeJS.Timeout | undefined;
-  /** The config text HAProxy runs. */
+  /** The config text last written (HAProxy runs it, with runtime changes when only machines changed). */
   #applied = '';
+  #appliedMap = '';
+  /** The apps of that config, and their names. */
+  #written: readonly FastApp[] = [];
+  #fast = new Set<string>();
+  /** The apps and host names HAProxy's running config serves (changing them takes a reload). */
+  #structure = '';
+  /** Backend → server → what HAProxy has (loaded, then changed through the runtime API). */
+  #servers = new Map<string, Map<string, LoadedServer>>();
+  /** `backend/server` put in maintenance, deleted once their requests are done. */
+  readonly #draining = new Set<string>();
   #syncing: Promise<void> = Promise.resolve();
   #closed: Promise<void> | undefined;
 
@@ -107,23 +142,30 @@ class Plane implements RunningProxy {
   }
 
   async start(): Promise<void> {
-    await this.#write(this.#render());
+    const apps = this.#fastApps();
+    await this.#write(this.#render(apps), apps);
+    this.#loaded(apps);
     this.#haproxy = await HaproxyProcess.start({
       configPath: this.#configPath, stateDir: this.#o.stateDir, adminSocket: this.#adminSocket, log: this.#log,
       ...(this.#o.binary === undefined ? {} : { binary: this.#o.binary }),
-      onRestart: () => this.#schedule(),
+      onRestart: () => {
+        this.#loaded(this.#written); // a restarted HAProxy read the last config written
+        this.#schedule();
+      },
     });
     const unsubscribe = this.#o.catalog.subscribe(() => this.#schedule());
     // A replay HAProxy turned into a 307 changed its host map: read it while HAProxy still has it (the next reload
     // would otherwise bring the app back).
     const onRequest = (m: unknown) => {
-      if ((m as ProxyRequestEvent).status === 307) this.#schedule();
+      const e = m as ProxyRequestEvent;
+      if (e.status === 307 && e.app !== undefined && this.#fast.has(e.app)) this.#schedule();
     };
     subscribe(proxyRequestChannel, onRequest);
     this.#unsubscribe = () => {
       unsubscribe();
       unsubscribeChannel(proxyRequestChannel, onRequest);
     };
+    this.#schedule(); // what changed while HAProxy started
     this.#log.info({ address: this.#address, node: this.#node.address }, 'HAProxy data plane listening');
   }
 
@@ -136,19 +178,93 @@ class Plane implements RunningProxy {
     }, debounceMs);
   }
 
-  /** Reads which apps asked for replays (HAProxy's map), then reloads HAProxy if its config changed. */
+  /**
+   * Reads which apps asked for replays (HAProxy's map), then brings HAProxy to the routing table: machines of the apps
+   * it serves change through its runtime API (queued requests go to a machine that starts, in-flight counts stay);
+   * a change of which apps or host names it serves reloads it.
+   */
   async #sync(): Promise<void> {
     const haproxy = this.#haproxy;
     if (haproxy === undefined || this.#closed !== undefined) return;
     try {
       await this.#readReplaying(haproxy);
-      const config = this.#render();
-      if (config.config === this.#applied) return;
-      await this.#write(config);
-      await haproxy.reload();
+      const apps = this.#fastApps();
+      const config = this.#render(apps);
+      if (config.config === this.#applied && this.#draining.size === 0) return;
+      if (structureOf(apps) === this.#structure) {
+        try {
+          await this.#updateServers(haproxy, apps);
+          await this.#write(config, apps);
+          return;
+        } catch (err) {
+          this.#log.warn({ err: errorMessage(err) }, 'HAProxy\'s runtime API refused a machine change: reloading it instead');
+        }
+      }
+      const previous = { config: this.#applied, hostsMap: this.#appliedMap, apps: this.#written };
+      await this.#write(config, apps);
+      try {
+        await haproxy.reload();
+      } catch (err) {
+        // The files go back to what HAProxy runs (a restart must not load what it refused); the next change tries again.
+        await this.#write({ config: previous.config, hostsMap: previous.hostsMap }, previous.apps);
+        throw err;
+      }
+      this.#loaded(apps);
     } catch (err) {
       this.#log.error({ err: errorMessage(err) }, 'HAProxy could not take the new routing table; it keeps the last one');
     }
+  }
+
+  /** HAProxy runs the config written for `apps` (it was just (re)loaded): what it serves and has. */
+  #loaded(apps: readonly FastApp[]): void {
+    this.#structure = structureOf(apps);
+    this.#servers = new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
+    this.#draining.clear();
+  }
+
+  /**
+   * Adds, changes and takes out the servers of the backends HAProxy has to match `apps` (the same apps it runs). A
+   * machine taken out is put in maintenance (its requests in flight finish) and deleted once it has none.
+   */
+  async #updateServers(haproxy: HaproxyProcess, apps: readonly FastApp[]): Promise<void> {
+    const run = async (command: string, ok: (answer: string) => boolean) => {
+      const answer = (await haproxy.command(command)).trim();
+      if (!ok(answer)) throw new Error(`${command}: ${answer}`);
+    };
+    const quiet = (answer: string) => answer === '' || /^(no need to change|IP changed|port changed)/i.test(answer);
+    for (const app of apps) {
+      const be = appBackend(app.app);
+      const have = this.#servers.get(be)!;
+      const want = new Map(app.backends.map((b) => [serverName(b), serverOf(b)]));
+      for (const [name, w] of want) {
+        const h = have.get(name);
+        const id = `${be}/${name}`;
+        if (h === undefined) {
+          await run(`add server ${id} ${address(w.address, w.port)} maxconn ${w.maxconn}`, (a) => /registered/i.test(a));
+          have.set(name, w);
+        } else {
+          if (h.address !== w.address || h.port !== w.port) await run(`set server ${id} addr ${w.address} port ${w.port}`, quiet);
+          if (h.maxconn !== w.maxconn) await run(`set maxconn server ${id} ${w.maxconn}`, quiet);
+          have.set(name, w);
+          if (!this.#draining.delete(id)) continue;
+        }
+        await run(`enable server ${id}`, quiet);
+      }
+      for (const name of have.keys()) {
+        const id = `${be}/${name}`;
+        if (want.has(name) || this.#draining.has(id)) continue;
+        await run(`disable server ${id}`, quiet);
+        this.#draining.add(id);
+      }
+    }
+    for (const id of this.#draining) {
+      const answer = (await haproxy.command(`del server ${id}`)).trim();
+      if (!/deleted/i.test(answer)) continue; // requests still in flight: tried again on the next sync
+      this.#draining.delete(id);
+      const [be, name] = id.split('/') as [string, string];
+      this.#servers.get(be)?.delete(name);
+    }
+    if (this.#draining.size > 0) setTimeout(() => this.#schedule(), drainRetryMs).unref();
   }
 
   /** Apps HAProxy's map hands to the Node proxy since a replay: kept, so the next config does the same. */
@@ -165,14 +281,16 @@ class Plane implements RunningProxy {
     }
   }
 
-  #render(): { config: string; hostsMap: string } {
+  #render(apps: readonly FastApp[]): { config: string; hostsMap: string } {
     const t = { ...proxyDefaults.timeouts, ...this.#o.timeouts };
     const limits = { ...proxyDefaults.limits, ...this.#o.limits };
     return haproxyConfig({
       listen: this.#address, adminSocket: this.#adminSocket, hostsMap: this.#hostsMap, node: this.#node.address,
-      frontKey: this.#frontKey, region: this.#o.region ?? 'local', threads: this.#o.threads ?? availableParallelism(),
-      timeouts: t, maxHeaders: limits.maxHeaders, log: { target: haproxyLogTarget(), format: haproxyLogFormat, sections: haproxyLogSections(this.#events.port) },
-      apps: this.#fastApps(),
+      frontKey: this.#frontKey, region: this.#o.region ?? 'local', threads: this.#o.threads ?? Math.min(64, availableParallelism()), // HAProxy 2.6 takes at most 64
+      timeouts: t, maxHeaders: limits.maxHeaders, queuePerApp: limits.queuePerApp, log: { target: haproxyLogTarget(), format: this.#events.logFormat, sections: haproxyLogSections(this.#events.port) },
+      apps,
+      // Workers that parse clients' requests hold no root powers (the ports are bound before they start).
+      ...(this.#runAs === undefined ? {} : { runAs: this.#runAs }),
     });
   }
 
@@ -194,10 +312,13 @@ class Plane implements RunningProxy {
   }
 
   /** Writes the map, then the config (each replaced whole), the config readable by Tarmac only (it holds the front key). */
-  async #write(c: { config: string; hostsMap: string }): Promise<void> {
+  async #write(c: { config: string; hostsMap: string }, apps: readonly FastApp[]): Promise<void> {
     await replaceFile(this.#hostsMap, c.hostsMap);
     await replaceFile(this.#configPath, c.config);
     this.#applied = c.config;
+    this.#appliedMap = c.hostsMap;
+    this.#written = apps;
+    this.#fast = new Set(apps.map((a) => a.app));
   }
 
   close(): Promise<void> {
