@@ -83,7 +83,7 @@ test('HAProxy serves an app of this host itself, with Fly\'s headers, request ev
   const catalog = await tempCatalog(t);
   await createApp(catalog, 'web');
   const a = await machineServer(t);
-  const idA = await startedMachine(catalog, 'web', httpService(a.port));
+  const idA = await startedMachine(catalog, 'web', [{ ...httpService(a.port)[0]!, autostart: false }]);
   const { plane, dir } = await planeFor(t, catalog);
   const seen = events(t);
 
@@ -108,9 +108,11 @@ test('HAProxy serves an app of this host itself, with Fly\'s headers, request ev
   assert.equal(e.status, 200);
   assert.equal(e.method, 'GET');
 
-  // A second machine joins: HAProxy reloads and spreads requests over both.
+  const workerPid = async () => /^Pid: (\d+)$/m.exec(await admin(dir, 'show info'))![1];
+  const pid = await workerPid();
+  // A second machine joins (through HAProxy's runtime API): requests spread over both.
   const b = await machineServer(t);
-  await startedMachine(catalog, 'web', httpService(b.port));
+  await startedMachine(catalog, 'web', [{ ...httpService(b.port)[0]!, autostart: false }]);
   await waitFor('the second machine to serve', async () => {
     await Promise.all(Array.from({ length: 8 }, () => get(plane, 'web.localhost')));
     return b.hits > 0;
@@ -124,6 +126,18 @@ test('HAProxy serves an app of this host itself, with Fly\'s headers, request ev
     return b.hits === before;
   });
   assert.equal((await get(plane, 'web.localhost')).status, 200);
+  assert.equal(await workerPid(), pid, 'machine changes did not reload HAProxy');
+
+  // The last machine stops: the app's host goes to the Node proxy, which has no machine for it; then it comes back.
+  const stop = async (state: 'stopped' | 'started') => {
+    await catalog.putMachineStatus({ id: idA, app: 'web', state, instance_id: `01INST${idA}`, restarts: 0, restart_generation: 0, updated_at: new Date().toISOString() });
+  };
+  await stop('stopped');
+  await waitFor('the Node proxy to answer for the app', async () => (await get(plane, 'web.localhost')).headers['tarmac-proxy-error'] === 'no_machine');
+  await stop('started');
+  const before = await served(dir, 'app_web');
+  await waitFor('HAProxy to serve the app again', async () => (await get(plane, 'web.localhost')).status === 200 && (await served(dir, 'app_web'))! > before!);
+  assert.equal(await workerPid(), pid, 'nor did an app leaving and coming back');
 });
 
 test('requests HAProxy does not serve itself reach the Node proxy, which sees the client\'s address, not a spoofed one', async (t) => {
@@ -257,7 +271,7 @@ test('fly-replay: the request that asks is sent back to the same URL and the app
   assert.match(String(first.headers['fly-request-id']), /-test-region$/);
   assert.equal(first.headers['fly-replay'], undefined);
   // From now on the Node proxy has the app: a replay is followed through.
-  await waitFor('the app to move to the Node proxy', async () => (await served(dir, 'app_rp')) === undefined);
+  assert.match(await admin(dir, `show map ${join(dir, 'hosts.map')}`), /rp\.localhost tarmac/, 'the app moved to the Node proxy');
   // Machine b answers itself when picked first; a replay through machine a reaches it with fly-replay-src.
   await waitFor('a request replayed from machine a to b', async () => {
     const r = await get(plane, 'rp.localhost', '/write');

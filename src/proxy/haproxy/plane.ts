@@ -29,8 +29,8 @@ export interface HaproxyPlaneOptions extends ProxyOptions {
   binary?: string;
 }
 
-/** Catalog batches within this many ms are applied together. */
-const debounceMs = 20;
+/** Catalog batches within this many ms are applied together (a burst of writes in one tick, say). */
+const debounceMs = 1;
 /** How often a machine taken out of HAProxy with requests still in flight is tried for deletion again. */
 const drainRetryMs = 1_000;
 
@@ -50,9 +50,22 @@ function workerUser(): { user: string; group: string } | undefined {
   return /^haproxy:/m.test(passwd) ? { user: 'haproxy', group: 'haproxy' } : { user: 'nobody', group: 'nogroup' };
 }
 
-/** What only a reload changes: the apps HAProxy serves and their host names. */
-function structureOf(apps: readonly FastApp[]): string {
-  return JSON.stringify(apps.map((a) => [a.app, a.hosts]));
+/** Runtime API answers of commands that went through. */
+function quiet(answer: string): boolean {
+  return answer === '' || /^(no need to change|IP changed|port changed)/i.test(answer);
+}
+
+/** True when HAProxy's running map sends exactly the host names of `apps` to their backends (replays aside). */
+function sameMap(mapped: ReadonlyMap<string, string>, apps: readonly FastApp[]): boolean {
+  let count = 0;
+  for (const a of apps) {
+    for (const h of a.hosts) {
+      if (mapped.get(h) !== appBackend(a.app)) return false;
+      count++;
+    }
+  }
+  for (const be of mapped.values()) if (be === nodeBackend) count++;
+  return count === mapped.size;
 }
 
 /**
@@ -103,10 +116,9 @@ class Plane implements RunningProxy {
   /** The apps of that config, and their names. */
   #written: readonly FastApp[] = [];
   #fast = new Set<string>();
-  /** The apps and host names HAProxy's running config serves (changing them takes a reload). */
-  #structure = '';
-  /** Backend → server → what HAProxy has (loaded, then changed through the runtime API). */
+  /** Backend → server → what the running HAProxy has (loaded, then changed through the runtime API). */
   #servers = new Map<string, Map<string, LoadedServer>>();
+  #routes: RoutingTable;
   /** `backend/server` put in maintenance, deleted once their requests are done. */
   readonly #draining = new Set<string>();
   #syncing: Promise<void> = Promise.resolve();
@@ -119,6 +131,7 @@ class Plane implements RunningProxy {
     this.#events = events;
     this.#frontKey = frontKey;
     this.#address = address;
+    this.#routes = node.routes;
     this.#configPath = join(o.stateDir, 'haproxy.cfg');
     this.#hostsMap = join(o.stateDir, 'hosts.map');
     this.#adminSocket = join(o.stateDir, 'admin.sock');
@@ -137,8 +150,9 @@ class Plane implements RunningProxy {
     return this.#node.httpsAddress;
   }
 
+  /** The routing table HAProxy was last brought to (the Node proxy's own is a moment ahead of it). */
   get routes(): RoutingTable {
-    return this.#node.routes;
+    return this.#routes;
   }
 
   async start(): Promise<void> {
@@ -179,25 +193,26 @@ class Plane implements RunningProxy {
   }
 
   /**
-   * Reads which apps asked for replays (HAProxy's map), then brings HAProxy to the routing table: machines of the apps
-   * it serves change through its runtime API (queued requests go to a machine that starts, in-flight counts stay);
-   * a change of which apps or host names it serves reloads it.
+   * Reads HAProxy's host map (replays), then brings HAProxy to the routing table through its runtime API: servers
+   * added, changed and drained (queued requests take a machine that starts, in-flight counts stay), host names mapped
+   * and unmapped. Only an app whose backend the running HAProxy does not have yet takes a reload.
    */
   async #sync(): Promise<void> {
     const haproxy = this.#haproxy;
     if (haproxy === undefined || this.#closed !== undefined) return;
+    const table = this.#node.routes;
     try {
-      await this.#readReplaying(haproxy);
+      const mapped = await this.#readMap(haproxy);
       const apps = this.#fastApps();
       const config = this.#render(apps);
-      if (config.config === this.#applied && this.#draining.size === 0) return;
-      if (structureOf(apps) === this.#structure) {
+      if (config.config === this.#applied && this.#draining.size === 0 && sameMap(mapped, apps)) return;
+      if (apps.every((a) => this.#servers.has(appBackend(a.app)))) {
         try {
-          await this.#updateServers(haproxy, apps);
+          await this.#update(haproxy, apps, mapped);
           await this.#write(config, apps);
           return;
         } catch (err) {
-          this.#log.warn({ err: errorMessage(err) }, 'HAProxy\'s runtime API refused a machine change: reloading it instead');
+          this.#log.warn({ err: errorMessage(err) }, 'HAProxy\'s runtime API refused a change: reloading it instead');
         }
       }
       const previous = { config: this.#applied, hostsMap: this.#appliedMap, apps: this.#written };
@@ -212,30 +227,34 @@ class Plane implements RunningProxy {
       this.#loaded(apps);
     } catch (err) {
       this.#log.error({ err: errorMessage(err) }, 'HAProxy could not take the new routing table; it keeps the last one');
+    } finally {
+      this.#routes = table;
     }
   }
 
-  /** HAProxy runs the config written for `apps` (it was just (re)loaded): what it serves and has. */
+  /** HAProxy runs the config written for `apps` (it was just (re)loaded): the backends and servers it has. */
   #loaded(apps: readonly FastApp[]): void {
-    this.#structure = structureOf(apps);
     this.#servers = new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
     this.#draining.clear();
   }
 
   /**
-   * Adds, changes and takes out the servers of the backends HAProxy has to match `apps` (the same apps it runs). A
-   * machine taken out is put in maintenance (its requests in flight finish) and deleted once it has none.
+   * Brings the running HAProxy to `apps` when it has every one's backend: host names of apps it no longer serves
+   * unmapped first (the Node proxy takes them at once), servers added, changed and drained (a server taken out is put
+   * in maintenance, its requests in flight finish, and it is deleted once it has none), new host names mapped last.
    */
-  async #updateServers(haproxy: HaproxyProcess, apps: readonly FastApp[]): Promise<void> {
-    const run = async (command: string, ok: (answer: string) => boolean) => {
+  async #update(haproxy: HaproxyProcess, apps: readonly FastApp[], mapped: ReadonlyMap<string, string>): Promise<void> {
+    const run = async (command: string, ok: (answer: string) => boolean = quiet) => {
       const answer = (await haproxy.command(command)).trim();
       if (!ok(answer)) throw new Error(`${command}: ${answer}`);
     };
-    const quiet = (answer: string) => answer === '' || /^(no need to change|IP changed|port changed)/i.test(answer);
-    for (const app of apps) {
-      const be = appBackend(app.app);
-      const have = this.#servers.get(be)!;
-      const want = new Map(app.backends.map((b) => [serverName(b), serverOf(b)]));
+    const wantMap = new Map(apps.flatMap((a) => a.hosts.map((h) => [h, appBackend(a.app)] as const)));
+    for (const [host, be] of mapped) {
+      if (wantMap.get(host) !== be && be !== nodeBackend) await run(`del map ${this.#hostsMap} ${host}`);
+    }
+    const wantServers = new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
+    for (const [be, have] of this.#servers) {
+      const want = wantServers.get(be) ?? new Map<string, LoadedServer>();
       for (const [name, w] of want) {
         const h = have.get(name);
         const id = `${be}/${name}`;
@@ -243,17 +262,17 @@ class Plane implements RunningProxy {
           await run(`add server ${id} ${address(w.address, w.port)} maxconn ${w.maxconn}`, (a) => /registered/i.test(a));
           have.set(name, w);
         } else {
-          if (h.address !== w.address || h.port !== w.port) await run(`set server ${id} addr ${w.address} port ${w.port}`, quiet);
-          if (h.maxconn !== w.maxconn) await run(`set maxconn server ${id} ${w.maxconn}`, quiet);
+          if (h.address !== w.address || h.port !== w.port) await run(`set server ${id} addr ${w.address} port ${w.port}`);
+          if (h.maxconn !== w.maxconn) await run(`set maxconn server ${id} ${w.maxconn}`);
           have.set(name, w);
           if (!this.#draining.delete(id)) continue;
         }
-        await run(`enable server ${id}`, quiet);
+        await run(`enable server ${id}`);
       }
       for (const name of have.keys()) {
         const id = `${be}/${name}`;
         if (want.has(name) || this.#draining.has(id)) continue;
-        await run(`disable server ${id}`, quiet);
+        await run(`disable server ${id}`);
         this.#draining.add(id);
       }
     }
@@ -265,20 +284,30 @@ class Plane implements RunningProxy {
       this.#servers.get(be)?.delete(name);
     }
     if (this.#draining.size > 0) setTimeout(() => this.#schedule(), drainRetryMs).unref();
+    for (const [host, be] of wantMap) {
+      if (mapped.get(host) === be) continue;
+      await run(mapped.has(host) ? `set map ${this.#hostsMap} ${host} ${be}` : `add map ${this.#hostsMap} ${host} ${be}`);
+    }
   }
 
-  /** Apps HAProxy's map hands to the Node proxy since a replay: kept, so the next config does the same. */
-  async #readReplaying(haproxy: HaproxyProcess): Promise<void> {
-    const text = await haproxy.command(`show map ${this.#hostsMap}`);
-    for (const line of text.split('\n')) {
+  /**
+   * HAProxy's host map as it runs (host → backend). An app whose host a replay handed to the Node proxy is noted,
+   * so every later config does the same.
+   */
+  async #readMap(haproxy: HaproxyProcess): Promise<Map<string, string>> {
+    const mapped = new Map<string, string>();
+    for (const line of (await haproxy.command(`show map ${this.#hostsMap}`)).split('\n')) {
       const [, host, backend] = line.trim().split(/\s+/);
-      if (backend !== nodeBackend || host === undefined || !host.endsWith(this.#suffix)) continue;
+      if (host === undefined || backend === undefined) continue;
+      mapped.set(host, backend);
+      if (backend !== nodeBackend || !host.endsWith(this.#suffix)) continue;
       const app = host.slice(0, host.length - this.#suffix.length);
       if (!this.#replaying.has(app)) {
         this.#replaying.add(app);
         this.#log.info({ app }, 'app asked for a replay (fly-replay): the Node proxy serves it from now on');
       }
     }
+    return mapped;
   }
 
   #render(apps: readonly FastApp[]): { config: string; hostsMap: string } {
