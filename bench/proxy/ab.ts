@@ -1,6 +1,6 @@
 // A/B of proxy builds under wrk at 64 connections: CPU µs per request (robust on a shared machine), req/s and p99, interleaved rounds.
 // Usage: node --import tsx bench/proxy/ab.ts ROUNDS SECONDS TARGET...; a TARGET is NAME=KIND[@ROOT][+NODEFLAG...]:
-// KIND tarmac (one process), tarmac2 (cluster x2), undici (bare node:http + undici, the floor) or undici2 (that as cluster x2); ROOT another checkout
+// KIND tarmac (one process), tarmac2 (cluster x2), tarmach (with the HAProxy data plane), undici (bare node:http + undici, the floor) or undici2 (that as cluster x2); ROOT another checkout
 // (a copy of this tree with node_modules) to compare against; NODEFLAGs are passed to node, e.g. +--max-semi-space-size=16.
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -31,7 +31,7 @@ try {
     const script = bare ? 'node-peer.ts' : 'tarmac-proxy.ts';
     const data = join(dir, name);
     await mkdir(data);
-    const args = bare ? [kind!, String(backend.port)] : [data, String(backend.port), kind === 'tarmac2' ? '2' : '1'];
+    const args = bare ? [kind!, String(backend.port)] : [data, String(backend.port), kind === 'tarmac2' ? '2' : kind === 'tarmach' ? 'haproxy' : '1'];
     const path = root === undefined ? script : join(root, 'bench/proxy', script);
     const peer = await startNodeScript(name, path, args, flags);
     peers.push(peer);

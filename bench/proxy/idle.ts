@@ -194,17 +194,20 @@ export async function benchIdle(o: IdleBenchOptions): Promise<string> {
   const backend = await startNginxBackend(dir);
   try {
     let fresh = 0;
-    const tarmac = (workers: number) => async (d: string) => {
+    const tarmac = (workers: number | 'haproxy') => async (d: string) => {
       const data = join(d, `tarmac-${++fresh}`);
       await mkdir(data);
       const nodeOptions = `${process.env['NODE_OPTIONS'] ?? ''} --import=${memReport}`.trim();
-      return startNodeScript(workers > 1 ? `Tarmac cluster x${workers}` : 'Tarmac', 'tarmac-proxy.ts', [data, String(backend.port), String(workers)], [], { NODE_OPTIONS: nodeOptions });
+      const name = workers === 'haproxy' ? 'Tarmac, HAProxy engine' : workers > 1 ? `Tarmac cluster x${workers}` : 'Tarmac';
+      return startNodeScript(name, 'tarmac-proxy.ts', [data, String(backend.port), String(workers)], [], { NODE_OPTIONS: nodeOptions });
     };
     const targets: Target[] = [
       { name: 'nginx', node: false, start: (d) => nginxIdle(d, backend.port) },
       { name: 'HAProxy', node: false, start: (d) => haproxyIdle(d, backend.port) },
       { name: 'Tarmac', node: true, start: tarmac(1) },
       { name: 'Tarmac cluster x2', node: true, start: tarmac(2) },
+      // HAProxy holds the connections: its processes count, with the idle Node proxy behind it.
+      { name: 'Tarmac, HAProxy engine', node: false, start: tarmac('haproxy') },
     ];
     const measure = async (t: Target): Promise<Sample> => {
       const peer = await t.start(dir);

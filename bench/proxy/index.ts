@@ -103,6 +103,7 @@ async function benchHttp(opts: BenchProxyOptions): Promise<string> {
     // The young generation sized as the host's start command (bin/tarmac.mjs) and the cluster's workers have it.
     const tarmac = await start(startNodeScript('Tarmac', 'tarmac-proxy.ts', [dir, String(backend.port)], [...proxyWorkerHeapFlags]));
     const tarmac2 = await start(startNodeScript('Tarmac cluster x2', 'tarmac-proxy.ts', [dir, String(backend.port), '2']));
+    const tarmacH = await start(startNodeScript('Tarmac, HAProxy engine', 'tarmac-proxy.ts', [dir, String(backend.port), 'haproxy'], [...proxyWorkerHeapFlags]));
     const httpProxy = await start(startNodeScript('http-proxy', 'node-peer.ts', ['http-proxy', String(backend.port)]));
     const fastify = await start(startNodeScript('@fastify/http-proxy', 'node-peer.ts', ['fastify', String(backend.port)]));
     const bare = await start(startNodeScript('bare node:http + undici', 'node-peer.ts', ['undici', String(backend.port)], [...proxyWorkerHeapFlags]));
@@ -115,6 +116,7 @@ async function benchHttp(opts: BenchProxyOptions): Promise<string> {
       target('HAProxy', haproxy),
       target('Tarmac', tarmac, { node: true, tarmac: true }),
       target('Tarmac cluster x2', tarmac2, { node: true, tarmac: true }),
+      target('Tarmac, HAProxy engine', tarmacH, { tarmac: true }),
       target('http-proxy', httpProxy, { node: true }),
       target('@fastify/http-proxy', fastify, { node: true }),
       target(bare.name, bare, { node: true, floor: true }),
@@ -230,11 +232,14 @@ ${high} connections is CPU per request against what is left of two cores. CPU pe
 /proc over each target's whole process tree: nginx ${n(ng.cpuPerReq, 1)} µs, HAProxy ${n(s(o.targets.find((t) => t.name === 'HAProxy')!, high).cpuPerReq, 1)} µs,
 ${tarmacs.map((t) => `${t.name} ${n(s(t, high).cpuPerReq, 1)} µs`).join(', ')}; the bare node:http + undici proxy
 ${floors.map((t) => `${t.name === 'bare node:http + undici' ? 'in one process' : 'as two cluster workers'} ${n(s(t, high).cpuPerReq, 1)} µs (${n(ratioToNginx(s(t, high)), 2)} of nginx's requests/s)`).join(', ')}:
-the difference is what Tarmac's own work (routing, Fly headers, request ids, concurrency accounting, metrics) costs.
-A single Node process also uses one core at most, where nginx and HAProxy spread over both. Closing the gap takes less CPU per request (HTTP parsing and the JS↔native crossings of
-node:http and undici are most of it) and more than one core: \`node:cluster\` workers each holding the routing
-table on Node 20, \`reusePort\` listeners on Node ≥ 22.12, or a native data plane (HAProxy driven through its
-runtime API, with Tarmac computing the routing table) for the hot path.
+the difference between the Node engine and those floors is what Tarmac's own work (routing, Fly headers, request ids,
+concurrency accounting, metrics) costs; a single Node process also uses one core at most, where nginx and HAProxy
+spread over both. In Node, HTTP parsing and the JS↔native crossings of node:http and undici are most of the cost, and
+the cluster's p99 suffers from its workers, wrk and the backend time-sharing two cores. The HAProxy engine (the host's
+default where HAProxy is installed) takes Node off the hot path: HAProxy routes, balances, limits and adds Fly's
+headers from the config Tarmac generates, and what Tarmac still does per request is read one line of HAProxy's log
+ring for its request events (metrics); the CPU it adds over bare HAProxy is that line (HAProxy writing it, Tarmac
+parsing it) and the extra header rules.
 `;
 
   return `# Proxy (issue 3)
@@ -247,7 +252,9 @@ processes other than the benchmark's used ${n(o.otherLoad, 2)} cores on average 
 Method: one nginx backend (\`return 200\`, one worker) on loopback; wrk (one thread, keep-alive, \`Host: ${host}\`)
 drives it directly and through each proxy. Each proxy keeps connections to the backend alive. nginx (one worker per
 core) and HAProxy (one thread per core) use every core; the Node proxies (Tarmac's, http-proxy, @fastify/http-proxy) run
-one process each, and Tarmac's proxy also as \`startProxyCluster\` with two \`node:cluster\` workers. Tarmac's proxy routes by Host through its routing table built from a real SQLite catalog (one app,
+one process each, and Tarmac's proxy also as \`startProxyCluster\` with two \`node:cluster\` workers. "Tarmac, HAProxy
+engine" is \`startHaproxyPlane\` (the host's default where HAProxy is installed): HAProxy (one thread per core) in front,
+serving the app from the config Tarmac generates, Tarmac reading every request's event from HAProxy's log ring. Tarmac's proxy routes by Host through its routing table built from a real SQLite catalog (one app,
 one started machine at 127.0.0.1), adding Fly's forwarding headers and request ids, with its Prometheus metrics counting
 every request as in the host, and the young generation the host and the cluster's workers start with
 (\`${proxyWorkerHeapFlags.join(' ')}\`). "bare node:http + undici" is the same data path without any of Tarmac's own

@@ -1,11 +1,12 @@
 // Benchmark peer: Tarmac's proxy in its own process over a real SQLite catalog whose one app points at the backend.
 // Usage: node --import tsx bench/proxy/tarmac-proxy.ts DATA_DIR BACKEND_PORT [WORKERS] [CERT_DIR]; prints {"port":N} when ready.
-// WORKERS > 1 runs the proxy as a node:cluster of that many workers (startProxyCluster). With CERT_DIR it also listens
+// WORKERS > 1 runs the proxy as a node:cluster of that many workers (startProxyCluster); WORKERS `haproxy` runs it with
+// the HAProxy data plane in front (startHaproxyPlane, state in DATA_DIR/haproxy, one HAProxy thread per core). With CERT_DIR it also listens
 // for HTTPS (self-signed certificates kept in CERT_DIR) and N is the HTTPS port. BENCH_WORKER_NODE_ARGS (space-separated
 // node flags, e.g. `--cpu-prof --cpu-prof-dir=DIR`) adds to the workers' flags, which they do not inherit.
 import { join } from 'node:path';
 import { openSqliteCatalog } from '../../src/catalog/index.ts';
-import { proxyWorkerHeapFlags, startProxy, startProxyCluster, trackProxyMetrics } from '../../src/proxy/index.ts';
+import { proxyWorkerHeapFlags, startHaproxyPlane, startProxy, startProxyCluster, trackProxyMetrics } from '../../src/proxy/index.ts';
 import { silentLogger } from '../../src/shared/log.ts';
 
 const [dataDir, backendPort, workers = '1', certDir] = process.argv.slice(2);
@@ -32,14 +33,16 @@ const opts = {
   ...(certDir === undefined ? {} : { https: { host: '127.0.0.1', port: 0 }, certificatesDir: certDir }),
 };
 const extraWorkerArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? '').split(' ').filter((a) => a !== '');
-const proxy = Number(workers) > 1
+const proxy = workers === 'haproxy'
+  ? await startHaproxyPlane({ ...opts, stateDir: join(dataDir, 'haproxy') })
+  : Number(workers) > 1
   ? await startProxyCluster({
     ...opts, workers: Number(workers), logLevel: 'silent',
     ...(extraWorkerArgs.length > 0 ? { execArgv: [...proxyWorkerHeapFlags, ...extraWorkerArgs, '--import', 'tsx'] } : {}),
   })
   : await startProxy(opts);
 // Metrics in the path, as the host has them (cluster workers track their own).
-if (Number(workers) <= 1) trackProxyMetrics(proxy);
+if (workers === 'haproxy' || Number(workers) <= 1) trackProxyMetrics(proxy);
 process.stdout.write(`${JSON.stringify({ port: certDir === undefined ? proxy.address.port : proxy.httpsAddress!.port })}\n`);
 
 process.once('SIGTERM', () => {

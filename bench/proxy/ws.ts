@@ -124,6 +124,7 @@ export async function benchWebSocket(o: WsBenchOptions): Promise<string> {
       await start(startHaproxyWs(dir, echo.port)),
       await start(startNodeScript('Tarmac', 'tarmac-proxy.ts', [dir, String(echo.port)])),
       await start(startNodeScript('Tarmac cluster x2', 'tarmac-proxy.ts', [dir, String(echo.port), '2'])),
+      await start(startNodeScript('Tarmac, HAProxy engine', 'tarmac-proxy.ts', [dir, String(echo.port), 'haproxy'])),
     ];
     const measure = async (p: Peer, trips: number, secs: number): Promise<Sample> => {
       const times = await roundTrips(p.port, trips);
