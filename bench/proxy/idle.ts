@@ -252,12 +252,13 @@ export async function benchIdle(o: IdleBenchOptions): Promise<string> {
 Run ${started.toISOString()} on: ${machine()}. ${load}
 
 Method: for each server, started fresh in every round (nginx with one worker per core, HAProxy with one thread per
-core, Tarmac's proxy as one process and as two \`node:cluster\` workers; each in front of the same nginx \`return 200\`
+core, Tarmac's proxy as one process, as two \`node:cluster\` workers and with the HAProxy engine; each in front of the same nginx \`return 200\`
 backend), a warm-up of 200 connections is opened and closed, the server's memory is read, then ${n.toLocaleString('en')} HTTP/1.1
 connections are opened from the benchmark's process (100 at a time, spread over ${sources} loopback source addresses), each
 sends one request, reads its response and then stays open and idle, and the memory is read again while all are still
 open (the benchmark counts any closed by then, and the table would say so). Memory is RSS from /proc/PID/status summed
-over the server's processes (the nginx master and workers, the cluster's primary and workers); for Tarmac also V8's heap used plus external memory
+over the server's processes (the nginx master and workers, the cluster's primary and workers; for the HAProxy engine
+HAProxy's processes and the Node proxy behind it, which holds none of these connections); for Tarmac also V8's heap used plus external memory
 (Buffers) summed over its processes, read by each process after a full GC on a signal (bench/proxy/mem-report.mjs).
 Bytes per connection is (after − before) / ${n.toLocaleString('en')}, the median of ${o.rounds} rounds (interleaved, order rotated).
 Socket buffers live in the kernel and are not counted for anyone. Keep-alive timeouts: nginx and HAProxy ${keepAliveSeconds} s,

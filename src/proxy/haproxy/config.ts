@@ -23,6 +23,11 @@ export interface HaproxyConfigInput {
   readonly frontKey: string;
   readonly region: string;
   readonly threads: number;
+  /**
+   * Most client connections at once (HAProxy's own default assumes two file descriptors each, halving what the file
+   * limit allows, though idle keep-alive clients hold one); the file limit is then raised as far as it goes.
+   */
+  readonly maxconn: number;
   /** The user and group HAProxy's workers run as (the master, which binds the ports, stays as it started); none: unchanged. */
   readonly runAs?: { readonly user: string; readonly group: string };
   readonly timeouts: Required<ProxyTimeouts>;
@@ -101,6 +106,8 @@ export function haproxyConfig(c: HaproxyConfigInput): { config: string; hostsMap
     'global',
     '  master-worker',
     `  nbthread ${c.threads}`,
+    `  maxconn ${c.maxconn}`,
+    '  no strict-limits',
     ...(c.runAs === undefined ? [] : [`  user ${c.runAs.user}`, `  group ${c.runAs.group}`]),
     `  stats socket ${c.adminSocket} mode 600 level admin expose-fd listeners`,
     // Room for the fields HAProxy adds; what a client may send is checked in the frontend.

@@ -41,6 +41,13 @@ function serverOf(b: Backend): LoadedServer {
   return { address: b.address, port: b.port, maxconn: serverMaxconn(b) };
 }
 
+/** Client connections HAProxy may hold: about as many as this process may open files (its children inherit the limit). */
+function maxConnections(): number {
+  const limits = existsSync('/proc/self/limits') ? readFileSync('/proc/self/limits', 'utf8') : '';
+  const hard = /^Max open files\s+\S+\s+(\d+)/m.exec(limits)?.[1];
+  return Math.max(1_000, (hard === undefined ? 4_096 : Number(hard)) - 256);
+}
+
 /**
  * The user HAProxy's workers run as when Tarmac runs as root: Debian's `haproxy` (made by its package), else `nobody`.
  */
@@ -316,7 +323,7 @@ class Plane implements RunningProxy {
     return haproxyConfig({
       listen: this.#address, adminSocket: this.#adminSocket, hostsMap: this.#hostsMap, node: this.#node.address,
       frontKey: this.#frontKey, region: this.#o.region ?? 'local', threads: this.#o.threads ?? Math.min(64, availableParallelism()), // HAProxy 2.6 takes at most 64
-      timeouts: t, maxHeaders: limits.maxHeaders, queuePerApp: limits.queuePerApp, log: { target: haproxyLogTarget(), format: this.#events.logFormat, sections: haproxyLogSections(this.#events.port) },
+      timeouts: t, maxconn: maxConnections(), maxHeaders: limits.maxHeaders, queuePerApp: limits.queuePerApp, log: { target: haproxyLogTarget(), format: this.#events.logFormat, sections: haproxyLogSections(this.#events.port) },
       apps,
       // Workers that parse clients' requests hold no root powers (the ports are bound before they start).
       ...(this.#runAs === undefined ? {} : { runAs: this.#runAs }),
