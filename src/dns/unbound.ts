@@ -1,19 +1,18 @@
 // The unbound engine: Tarmac's zone compiled into unbound views (one per org, one for trusted sources), unbound run as a child and kept current over its control socket (the unbound-control protocol).
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { existsSync } from 'node:fs';
 import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { connect, createServer, isIP } from 'node:net';
 import { join, resolve as absolute } from 'node:path';
-import { createInterface } from 'node:readline';
 import { networkCidr } from '../catalog/index.ts';
 import { privateNetworkOfRange, sourceList } from './address.ts';
+import { spawnTied } from '../shared/child.ts';
 import { TarmacError } from '../shared/errors.ts';
 import type { DnsListen, DnsServerOptions, RunningDns } from './engine.ts';
 import { internalTtl, txtChunks, Zone, zoneName, type PrecompiledNames, type View } from './zone.ts';
 
 export const unboundBinary = '/usr/sbin/unbound';
-const setprivBinary = '/usr/bin/setpriv';
 
 /**
  * `top<N>.nearest.of.<app>` names compiled per app: N = 1..16 (each with min(N, started machines) addresses). A larger
@@ -248,17 +247,9 @@ class UnboundDns implements RunningDns {
     if (this.#closed) throw new TarmacError('unavailable', 'dns server closed while starting unbound');
     const listen = [...this.#listen];
     const binary = this.#opts.unboundBinary ?? unboundBinary;
-    const [bin, ...args] = existsSync(setprivBinary)
-      ? [setprivBinary, '--pdeathsig', 'KILL', '--', binary, '-d', '-c', this.#conf] // dies with this process
-      : [binary, '-d', '-c', this.#conf];
-    const child = spawn(bin!, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    this.#child = child;
     this.#recentLog = [];
-    createInterface({ input: child.stderr! }).on('line', (line) => this.#onLog(line));
-    const exited = new Promise<string>((resolve) => {
-      child.once('error', (e) => resolve(e.message));
-      child.once('exit', (code, signal) => resolve(signal ? `signal ${signal}` : `exit code ${code}`));
-    });
+    const { child, exited } = spawnTied(binary, ['-d', '-c', this.#conf], (line) => this.#onLog(line));
+    this.#child = child;
     void exited.then((how) => this.#onExit(child, how));
     let gone: string | undefined;
     void exited.then((how) => { gone = how; });

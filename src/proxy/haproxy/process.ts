@@ -1,15 +1,14 @@
 // HAProxy run as a child in master-worker mode: config checks, hitless reloads, its runtime API, restart if it dies.
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { chmod, mkdir, readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+import { spawnTied } from '../../shared/child.ts';
 import { TarmacError } from '../../shared/errors.ts';
 import type { Logger } from '../../shared/log.ts';
 
 export const haproxyBinary = '/usr/sbin/haproxy';
-const setprivBinary = '/usr/bin/setpriv';
 
 /** How long a start or a reload may take before it is reported as failed. */
 const readyTimeoutMs = 10_000;
@@ -163,16 +162,10 @@ export class HaproxyProcess {
   async #launch(): Promise<void> {
     if (this.#closing) throw closedError();
     const args = ['-W', '-db', '-S', this.#masterSocket, '-f', this.#opts.configPath];
-    const [bin, ...argv] = existsSync(setprivBinary) ? [setprivBinary, '--pdeathsig', 'KILL', '--', this.#binary, ...args] : [this.#binary, ...args];
-    const child = spawn(bin!, argv, { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.#recent = [];
+    const { child, exited } = spawnTied(this.#binary, args, (line) => this.#onOutput(line));
     this.#child = child;
     this.#startedAt = Date.now();
-    this.#recent = [];
-    createInterface({ input: child.stderr! }).on('line', (line) => this.#onOutput(line));
-    const exited = new Promise<string>((resolve) => {
-      child.once('error', (e) => resolve(e.message));
-      child.once('exit', (code, signal) => resolve(signal ? `signal ${signal}` : `exit code ${code}`));
-    });
     void exited.then((how) => this.#onExit(child, how));
     try {
       await this.#waitWorker(child, exited, undefined, 'start');
