@@ -129,6 +129,9 @@ class Plane implements RunningProxy {
   /** `backend/server` put in maintenance, deleted once their requests are done. */
   readonly #draining = new Set<string>();
   #syncing: Promise<void> = Promise.resolve();
+  /** Syncs failed in a row (the retry backs off with them), and the retry's timer. */
+  #failures = 0;
+  #retry: NodeJS.Timeout | undefined;
   #closed: Promise<void> | undefined;
 
   constructor(o: HaproxyPlaneOptions, log: Logger, node: RunningProxy, events: HaproxyEventReceiver, frontKey: string, address: { host: string; port: number }) {
@@ -163,14 +166,15 @@ class Plane implements RunningProxy {
   }
 
   async start(): Promise<void> {
-    const apps = this.#fastApps();
+    const apps = this.#fastApps(this.#routes);
     await this.#write(this.#render(apps), apps);
     this.#loaded(apps);
     this.#haproxy = await HaproxyProcess.start({
       configPath: this.#configPath, stateDir: this.#o.stateDir, adminSocket: this.#adminSocket, log: this.#log,
       ...(this.#o.binary === undefined ? {} : { binary: this.#o.binary }),
       onRestart: () => {
-        this.#loaded(this.#written); // a restarted HAProxy read the last config written
+        // A restarted HAProxy read the last config written: noted in turn with syncs, then brought up to date.
+        this.#syncing = this.#syncing.then(() => this.#loaded(this.#written));
         this.#schedule();
       },
     });
@@ -210,13 +214,17 @@ class Plane implements RunningProxy {
     const table = this.#node.routes;
     try {
       const mapped = await this.#readMap(haproxy);
-      const apps = this.#fastApps();
+      const apps = this.#fastApps(table);
       const config = this.#render(apps);
-      if (config.config === this.#applied && this.#draining.size === 0 && sameMap(mapped, apps)) return;
+      if (config.config === this.#applied && this.#draining.size === 0 && sameMap(mapped, apps)) {
+        this.#synced(table);
+        return;
+      }
       if (apps.every((a) => this.#servers.has(appBackend(a.app)))) {
         try {
           await this.#update(haproxy, apps, mapped);
-          await this.#write(config, apps);
+          if (config.config !== this.#applied || config.hostsMap !== this.#appliedMap) await this.#write(config, apps);
+          this.#synced(table);
           return;
         } catch (err) {
           this.#log.warn({ err: errorMessage(err) }, 'HAProxy\'s runtime API refused a change: reloading it instead');
@@ -232,11 +240,29 @@ class Plane implements RunningProxy {
         throw err;
       }
       this.#loaded(apps);
+      this.#synced(table);
     } catch (err) {
-      this.#log.error({ err: errorMessage(err) }, 'HAProxy could not take the new routing table; it keeps the last one');
-    } finally {
-      this.#routes = table;
+      this.#failures++;
+      const retryMs = Math.min(30_000, 100 * 2 ** this.#failures);
+      this.#log.error({ err: errorMessage(err), retryMs }, 'HAProxy could not take the new routing table; it keeps the last one');
+      this.#retryLater(retryMs);
     }
+  }
+
+  /** HAProxy was brought to `table`. */
+  #synced(table: RoutingTable): void {
+    this.#routes = table;
+    this.#failures = 0;
+  }
+
+  /** Syncs again in `ms` (a failed sync, machines still draining); one timer at a time, none after close. */
+  #retryLater(ms: number): void {
+    if (this.#retry !== undefined || this.#closed !== undefined) return;
+    this.#retry = setTimeout(() => {
+      this.#retry = undefined;
+      this.#schedule();
+    }, ms);
+    this.#retry.unref();
   }
 
   /** HAProxy runs the config written for `apps` (it was just (re)loaded): the backends and servers it has. */
@@ -257,7 +283,7 @@ class Plane implements RunningProxy {
     };
     const wantMap = new Map(apps.flatMap((a) => a.hosts.map((h) => [h, appBackend(a.app)] as const)));
     for (const [host, be] of mapped) {
-      if (wantMap.get(host) !== be && be !== nodeBackend) await run(`del map ${this.#hostsMap} ${host}`);
+      if (!wantMap.has(host) && be !== nodeBackend) await run(`del map ${this.#hostsMap} ${host}`);
     }
     const wantServers = new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
     for (const [be, have] of this.#servers) {
@@ -285,12 +311,13 @@ class Plane implements RunningProxy {
     }
     for (const id of this.#draining) {
       const answer = (await haproxy.command(`del server ${id}`)).trim();
-      if (!/deleted/i.test(answer)) continue; // requests still in flight: tried again on the next sync
+      if (/^Server still has connections/.test(answer)) continue; // requests in flight: tried again later
+      if (!/^(Server deleted|No such server)/.test(answer)) throw new Error(`del server ${id}: ${answer}`);
       this.#draining.delete(id);
       const [be, name] = id.split('/') as [string, string];
       this.#servers.get(be)?.delete(name);
     }
-    if (this.#draining.size > 0) setTimeout(() => this.#schedule(), drainRetryMs).unref();
+    if (this.#draining.size > 0) this.#retryLater(drainRetryMs);
     for (const [host, be] of wantMap) {
       if (mapped.get(host) === be) continue;
       await run(mapped.has(host) ? `set map ${this.#hostsMap} ${host} ${be}` : `add map ${this.#hostsMap} ${host} ${be}`);
@@ -331,17 +358,19 @@ class Plane implements RunningProxy {
   }
 
   /** The apps HAProxy serves itself (see startHaproxyPlane). */
-  #fastApps(): FastApp[] {
+  #fastApps(table: RoutingTable): FastApp[] {
     const slow = new Set(this.#replaying);
     for (const { spec, status } of this.#o.catalog.listMachines()) {
       if (slow.has(spec.app)) continue;
       if (autostopEnabled(spec.config) || (this.#o.autostart !== undefined && autostartable(spec, status))) slow.add(spec.app);
     }
     const out: FastApp[] = [];
-    for (const route of this.#node.routes.apps.values()) {
+    for (const route of table.apps.values()) {
       if (slow.has(route.app) || route.backends.length === 0) continue;
       if (route.backends.some((b) => b.via !== undefined || b.h2)) continue;
-      const app: FastApp = { app: route.app, hosts: [`${route.app}${this.#suffix}`], backends: route.backends };
+      // Two services of a machine on one internal port are one server.
+      const backends = [...new Map(route.backends.map((b) => [serverName(b), b])).values()];
+      const app: FastApp = { app: route.app, hosts: [`${route.app}${this.#suffix}`], backends };
       if (configurable(app)) out.push(app);
     }
     return out;
@@ -366,9 +395,13 @@ class Plane implements RunningProxy {
     clearTimeout(this.#timer);
     await this.#syncing;
     const drainMs = this.#o.timeouts?.drainMs ?? proxyDefaults.timeouts.drainMs;
-    await this.#haproxy?.close(drainMs);
-    await this.#node.close();
-    await this.#events.close();
+    clearTimeout(this.#retry);
+    try {
+      await this.#haproxy?.close(drainMs);
+    } finally {
+      await this.#node.close();
+      await this.#events.close();
+    }
   }
 }
 
