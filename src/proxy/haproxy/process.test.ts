@@ -198,9 +198,10 @@ test('start stops a master left by an earlier run of the same state dir', { skip
   const stale = spawn(haproxyBinary, ['-W', '-db', '-S', join(f.opts.stateDir, 'master.sock'), '-f', f.opts.configPath], { stdio: 'ignore' });
   f.defer(() => { stale.kill('SIGKILL'); });
   await waitFor('the earlier run to serve', () => get(f.port).then((r) => r.status === 200));
-  const exited = new Promise((resolve) => stale.once('exit', resolve));
+  let gone = false;
+  stale.once('exit', () => { gone = true; });
   const p = await started(t, f);
-  await exited;
+  await waitFor('the earlier run to be stopped', () => gone);
   assert.notEqual(p.pid, stale.pid);
   assert.deepEqual(await processesOf(f.opts.configPath), [p.pid!, await workerPid(p)].sort((x, y) => x - y));
   assert.deepEqual(await get(f.port), { status: 200, body: 'v1' });

@@ -1,7 +1,7 @@
 // HAProxy run as a child in master-worker mode: config checks, hitless reloads, its runtime API, restart if it dies.
 import { execFile, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { spawnTied } from '../../shared/child.ts';
@@ -275,8 +275,10 @@ export class HaproxyProcess {
 
   /** A master left by an earlier run of this state dir (it answers on the master socket) is killed with its workers. */
   async #stopStale(): Promise<void> {
-    const procs = await ask(this.#masterSocket, 'show proc', 1000).catch(() => '');
-    const pids = [...procs.matchAll(/^(\d+)\s+(master|worker)\s/gm)].map((m) => Number(m[1]));
+    // The master's own list where it answers, and any haproxy running this config (a master too busy to answer).
+    const procs = await ask(this.#masterSocket, 'show proc', commandTimeoutMs).catch(() => '');
+    const listed = [...procs.matchAll(/^(\d+)\s+(master|worker)\s/gm)].map((m) => Number(m[1]));
+    const pids = [...new Set([...listed, ...(await haproxysRunning(this.#opts.configPath))])];
     if (pids.length === 0) return;
     this.#opts.log.warn({ pids }, 'stopping a haproxy left by an earlier run');
     await Promise.all(pids.map((pid) => stopOrphan(pid, 0)));
@@ -340,6 +342,17 @@ function ask(socket: string, line: string, timeoutMs = commandTimeoutMs): Promis
     });
     conn.end(`${line}\n`);
   });
+}
+
+/** Pids of haproxy processes whose command line names `configPath`. */
+async function haproxysRunning(configPath: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(entry)) continue;
+    const argv = (await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (argv[0]?.endsWith('haproxy') === true && argv.includes(configPath)) pids.push(Number(entry));
+  }
+  return pids;
 }
 
 function run(bin: string, args: string[]): Promise<{ code: number; output: string }> {
