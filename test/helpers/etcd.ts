@@ -2,9 +2,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { Etcd3 } from 'etcd3';
-import { freePort } from './registry.ts';
 import { waitFor } from './wait.ts';
 
 const etcdBin = '/usr/bin/etcd';
@@ -37,13 +37,30 @@ export interface EtcdPlacement {
   wrap(i: number): string[];
 }
 
+/**
+ * A free loopback port below Linux's ephemeral range (32768 and up): a member stopped and started again must find its
+ * ports free, and while it is down any connection's source port (the host's etcd client reconnecting, say) could take
+ * one from the ephemeral range.
+ */
+async function stablePort(): Promise<number> {
+  for (;;) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const free = await new Promise<boolean>((resolve) => {
+      const s = createServer();
+      s.once('error', () => resolve(false));
+      s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
+    });
+    if (free) return port;
+  }
+}
+
 /** Starts `n` members that form one cluster; resolves once every member reports healthy. */
 export async function startEtcdCluster(n = 3, placement?: EtcdPlacement): Promise<EtcdCluster> {
   const dir = await mkdtemp(join(tmpdir(), 'tarmac-etcd-'));
   const ports: Array<{ client: number; peer: number; host: string }> = [];
   for (let i = 0; i < n; i++) {
     const host = placement?.addresses[i];
-    ports.push(host === undefined ? { client: await freePort(), peer: await freePort(), host: '127.0.0.1' } : { client: 2379, peer: 2380, host });
+    ports.push(host === undefined ? { client: await stablePort(), peer: await stablePort(), host: '127.0.0.1' } : { client: 2379, peer: 2380, host });
   }
   const names = ports.map((_, i) => `m${i}`);
   const initialCluster = ports.map((p, i) => `${names[i]}=http://${p.host}:${p.peer}`).join(',');
