@@ -52,6 +52,8 @@ test('two hosts share an etcd catalog: machines spread over both, every proxy ro
   // Host b goes away (its registration ends): its machine leaves every routing table, traffic keeps flowing to a's.
   await b.stopHostOnly();
   await waitFor('host b to leave the catalog', () => a.host.catalog.getHost('host-b') === undefined);
+  // The proxy's data plane (HAProxy) takes the change a moment after the catalog mirror.
+  await waitFor('host b\'s machine to leave a\'s routing', () => !a.host.proxy!.routes.apps.get('spread')?.backends.some((x) => x.machineId === m2.id));
   for (let i = 0; i < 10; i++) assert.equal(await answer(a, 'spread'), `200 ${m1.id}`);
   await b.restart(); // b comes back, reattaches to its machine and routes to it again
   await waitFor('host b\'s machine to serve again', async () => (await answer(a, 'spread')) === `200 ${m2.id}`);
