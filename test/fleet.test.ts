@@ -35,6 +35,8 @@ test('two hosts share an etcd catalog: machines spread over both, every proxy ro
   const m1 = await a.client.createMachine('spread', { config });
   const m2 = await b.client.createMachine('spread', { config }); // through the other host's API
   const hostsOf = () => new Set([m1.id, m2.id].map((id) => a.host.catalog.getMachine(id)?.spec.host_id));
+  // The machine made through b reaches a's mirror over etcd's watch, a moment later.
+  await waitFor('both machines in a\'s mirror', () => [m1.id, m2.id].every((id) => a.host.catalog.getMachine(id) !== undefined));
   assert.deepEqual([...hostsOf()].sort(), ['host-a', 'host-b'], 'placement spreads the app over both workers');
   await a.client.waitMachine('spread', m1.id, { state: 'started', timeout: 60 });
   await b.client.waitMachine('spread', m2.id, { state: 'started', timeout: 60 });
