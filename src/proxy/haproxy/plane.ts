@@ -41,6 +41,11 @@ function serverOf(b: Backend): LoadedServer {
   return { address: b.address, port: b.port, maxconn: serverMaxconn(b) };
 }
 
+/** Backend → server → what HAProxy should have for `apps`. */
+function serversOf(apps: readonly FastApp[]): Map<string, Map<string, LoadedServer>> {
+  return new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
+}
+
 /** Client connections HAProxy may hold: about as many as this process may open files (its children inherit the limit). */
 function maxConnections(): number {
   const limits = existsSync('/proc/self/limits') ? readFileSync('/proc/self/limits', 'utf8') : '';
@@ -267,7 +272,7 @@ class Plane implements RunningProxy {
 
   /** HAProxy runs the config written for `apps` (it was just (re)loaded): the backends and servers it has. */
   #loaded(apps: readonly FastApp[]): void {
-    this.#servers = new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
+    this.#servers = serversOf(apps);
     this.#draining.clear();
   }
 
@@ -285,7 +290,7 @@ class Plane implements RunningProxy {
     for (const [host, be] of mapped) {
       if (!wantMap.has(host) && be !== nodeBackend) await run(`del map ${this.#hostsMap} ${host}`);
     }
-    const wantServers = new Map(apps.map((a) => [appBackend(a.app), new Map(a.backends.map((b) => [serverName(b), serverOf(b)]))]));
+    const wantServers = serversOf(apps);
     for (const [be, have] of this.#servers) {
       const want = wantServers.get(be) ?? new Map<string, LoadedServer>();
       for (const [name, w] of want) {
